@@ -1,0 +1,177 @@
+"""`head-surgeon` command line: every workbench capability is reachable headless from here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import HeadSurgeonError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="hub id (e.g. bigscience/bloom-560m) or local directory; default: the bundled organism")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+
+
+def add_diagnosis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", help="diagnostic prompts: .jsonl ({\"text\": ...} per line) or .txt (one per line)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=512, help="truncate prompts to this many tokens")
+    p.add_argument("--sink", type=float, default=0.50, help="BOS mass above this is a BOS sink")
+    p.add_argument("--dead", type=float, default=0.95, help="BOS mass above this is dead")
+    p.add_argument("--low-entropy", type=float, default=0.5, help="entropy (nats) below this is low-entropy")
+
+
+def diagnosis_settings(args):
+    from .diagnose import DiagnosisSettings
+    from .report import Thresholds
+
+    return DiagnosisSettings(
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        thresholds=Thresholds(sink=args.sink, dead=args.dead, low_entropy=args.low_entropy),
+    )
+
+
+def load_from_args(args):
+    from .model import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+
+
+def cmd_diagnose(args) -> int:
+    from rich.console import Console
+
+    from .console import print_report
+    from .diagnose import diagnose
+    from .prompts import load_prompts
+
+    console = Console(stderr=False)
+    settings = diagnosis_settings(args)
+    prompts = load_prompts(args.prompts)
+    with console.status("loading model…"):
+        loaded = load_from_args(args)
+    with console.status(f"diagnosing {loaded.name} on {len(prompts)} prompts ({loaded.device}, {loaded.dtype})…"):
+        report = diagnose(loaded, prompts, settings)
+    print_report(report, console)
+    if args.json:
+        report.save(args.json)
+        console.print(f"report written to {args.json}")
+    return 0
+
+
+def cmd_organism(args) -> int:
+    from rich.console import Console
+
+    from .console import ConsoleSink
+    from .corpus import CorpusSpec
+    from .organism import DATA_FILE, OrganismConfig, prepare_data, train_organism
+
+    console = Console()
+    config = OrganismConfig(
+        layers=args.layers, heads=args.heads, hidden=args.hidden, seq_len=args.seq_len, batch_size=args.batch_size,
+        steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
+        alibi=not args.no_alibi,
+    )
+    data_dir = Path(args.data) if args.data else Path(f"{args.out.rstrip('/')}-data")
+    with ConsoleSink(console) as sink:
+        if not (data_dir / DATA_FILE).is_file():
+            meta = prepare_data(CorpusSpec(args.corpus, args.corpus_config, args.corpus_split), data_dir, args.vocab, sink=sink)
+            console.print(f"prepared {meta['tokens']:,} tokens from {meta['documents']} documents into {data_dir}")
+        if args.prepare_only:
+            return 0
+        record = train_organism(config, data_dir, args.out, device=args.device, sink=sink)
+    band = record["heldout_diagnosis"]
+    console.print(
+        f"held-out ppl {record['heldout_ppl']:.2f}; heads with BOS mass > 0.5: {band['heads_over_0.5']} "
+        f"({100 * band['frac_over_0.5']:.1f}%); upper/lower head-index BOS ratio {band['upper_to_lower']:.1f}x"
+    )
+    console.print(f"model written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="head-surgeon",
+        description="Diagnose and repair collapsed attention heads in ALiBi (BLOOM) transformers. "
+        "With no command, opens the workbench.",
+    )
+    add_model_args(parser)
+    parser.add_argument("--session", help="open (or create) this session file in the workbench")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("diagnose", help="measure every head and classify it (healthy / BOS-sink / dead / low-entropy)")
+    add_model_args(p)
+    add_diagnosis_args(p)
+    p.add_argument("--json", help="write the report as JSON to this path")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("organism", help="pretrain a small ALiBi BLOOM until its low-slope heads collapse")
+    p.add_argument("--out", required=True, help="directory for the trained model (save_pretrained layout)")
+    p.add_argument("--data", help="prepared-data directory (tokenizer + token stream); prepared here if absent "
+                   "(default: OUT-data)")
+    p.add_argument("--prepare-only", action="store_true", help="only prepare the data (run training elsewhere)")
+    p.add_argument("--corpus", default="python-stdlib",
+                   help="text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib (default)")
+    p.add_argument("--corpus-config")
+    p.add_argument("--corpus-split")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-alibi", action="store_true", help="control run: train with the ALiBi bias zeroed")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_organism)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command is None:
+            from tui.launch import launch
+
+            return launch(args)
+        return args.func(args)
+    except HeadSurgeonError as exc:
+        print(f"head-surgeon: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("head-surgeon: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" not in str(exc):
+            raise
+        print("head-surgeon: error: out of memory: use a smaller --batch-size or --max-len, or a smaller model", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Training corpora through `datasets`: local files, directories, jsonl/parquet, or hub datasets.
+
+Texts are tokenised into one stream and packed into blocks of `seq_len`; the last `heldout_frac` of the
+stream is held out. Order is deterministic; shuffling uses the caller's seed.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".html", ".json", ".toml", ".cfg", ".ini", ".yaml", ".yml"}
+PYTHON_SOURCES = "python-stdlib"  # the running Python's own source tree: present on every machine
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where text comes from: a path, `python-stdlib`, or a hub dataset id with config and split."""
+
+    source: str
+    config: str | None = None
+    split: str | None = None
+    text_column: str = "text"
+    max_documents: int | None = None
+
+    def describe(self) -> str:
+        parts = [self.source] + [p for p in (self.config, self.split) if p]
+        return ":".join(parts)
+
+
+def python_source_files() -> list[str]:
+    """The running Python's standard-library `.py` files (its own tests included), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p for p in root.rglob("*.py")
+        if "site-packages" not in p.parts
+    ]
+    return [str(p) for p in sorted(files)]
+
+
+def _local_files(path: Path) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise InputError(f"corpus directory {str(path)!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+    return [str(p) for p in files]
+
+
+def load_texts(spec: CorpusSpec) -> list[str]:
+    """Documents of the corpus as a list of strings (empty documents dropped)."""
+    import datasets
+
+    source = spec.source
+    path = Path(source).expanduser()
+    try:
+        if source == PYTHON_SOURCES or path.is_dir():
+            files = python_source_files() if source == PYTHON_SOURCES else _local_files(path)
+            ds = datasets.load_dataset("text", data_files=files, sample_by="document", encoding_errors="ignore", split="train")
+            column = "text"
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix, "text")
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", **kwargs)
+            column = spec.text_column if builder != "text" else "text"
+        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise InputError(f"corpus {source!r} does not exist: pass a text file, directory, .jsonl/.parquet or hub dataset id")
+        else:
+            ds = datasets.load_dataset(source, spec.config, split=spec.split or "train")
+            column = spec.text_column
+    except InputError:
+        raise
+    except (FileNotFoundError, ConnectionError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"cannot load corpus {spec.describe()!r} ({first}): with no network, pass a local file or directory") from exc
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"cannot read corpus {spec.describe()!r}: {first}") from exc
+    if column not in ds.column_names:
+        raise InputError(f"corpus {spec.describe()!r} has no {column!r} column (columns: {', '.join(ds.column_names)}): "
+                         "use --text-column")
+    texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
+    if spec.max_documents:
+        texts = texts[: spec.max_documents]
+    if not texts:
+        raise InputError(f"corpus {spec.describe()!r} is empty: give it some text")
+    return texts
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first (then every block starts with BOS, as in training)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def token_stream(tokenizer, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """All documents as one 1-D stream, each followed by EOS when the tokenizer has one."""
+    eos = tokenizer.eos_token_id
+    pieces: list[int] = []
+    for start in range(0, len(texts), batch):
+        for ids in tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]:
+            pieces.extend(ids)
+            if eos is not None:
+                pieces.append(eos)
+    return torch.tensor(pieces, dtype=torch.long)
+
+
+@dataclass
+class PackedCorpus:
+    """Blocks of `seq_len` tokens (each starting with BOS when the model expects one)."""
+
+    train: torch.Tensor  # [n_train, seq_len]
+    heldout: torch.Tensor  # [n_heldout, seq_len]
+    seq_len: int
+    bos_prefix: bool
+    description: str
+
+    @property
+    def n_train_tokens(self) -> int:
+        return self.train.numel()
+
+
+def pack_blocks(stream: torch.Tensor, seq_len: int, bos_id: int | None) -> torch.Tensor:
+    body = seq_len - (1 if bos_id is not None else 0)
+    n = stream.numel() // body
+    blocks = stream[: n * body].view(n, body)
+    if bos_id is not None:
+        blocks = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), blocks], dim=1)
+    return blocks
+
+
+def pack_corpus(tokenizer, texts: list[str], seq_len: int, heldout_frac: float = 0.05, description: str = "") -> PackedCorpus:
+    """Tokenise and pack; the last `heldout_frac` of the stream (at least one block) is held out."""
+    if seq_len < 2:
+        raise InputError(f"seq len must be at least 2 (got {seq_len})")
+    bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    blocks = pack_blocks(token_stream(tokenizer, texts), seq_len, bos_id)
+    if len(blocks) < 2:
+        raise InputError(
+            f"corpus {description!r} is too small for seq len {seq_len}: it gives {len(blocks)} block(s); "
+            "give more text or a smaller --seq-len"
+        )
+    n_held = max(1, int(round(len(blocks) * heldout_frac)))
+    return PackedCorpus(blocks[:-n_held], blocks[-n_held:], seq_len, bos_id is not None, description)
+
+
+def load_corpus(spec: CorpusSpec, tokenizer, seq_len: int, heldout_frac: float = 0.05) -> PackedCorpus:
+    return pack_corpus(tokenizer, load_texts(spec), seq_len, heldout_frac, spec.describe())

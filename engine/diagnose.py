@@ -1,0 +1,197 @@
+"""Head diagnosis: run prompts through the model and reduce attention to per-(layer, head) statistics.
+
+A forward hook on every attention module reduces that layer's probabilities to per-head sums at once
+and drops them, so at most one layer's [B, H, L, L] tensor is alive. A forward hook on every `dense`
+measures each head's output norm through its own columns. The body of the model is called without the
+LM head, so no full-vocabulary logits are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .arch import BloomAdapter, base_model
+from .events import DiagnosisProgress, NullSink, Sink
+from .report import HeadReport, Thresholds
+
+
+@dataclass
+class DiagnosisSettings:
+    batch_size: int = 8
+    max_len: int = 512
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids per prompt with the tokenizer's own special tokens (a BOS it adds is position 0).
+    Prompts shorter than two tokens have no query besides position 0 and are dropped."""
+    ids = [tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"] for text in prompts]
+    return [x for x in ids if len(x) >= 2]
+
+
+def right_padded_batches(token_ids: list[list[int]], batch_size: int, pad_id: int):
+    """Yield (input_ids, attention_mask) batches, right-padded, longest prompts grouped together.
+
+    Right padding keeps key 0 the first real token of every row, and causal masking means real queries
+    never see pads, so padding cannot change any statistic."""
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = [token_ids[i] for i in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        yield ids, mask
+
+
+def query_weights(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1.0 for every real query position except position 0, else 0.0; shape [B, L]."""
+    w = attention_mask.to(torch.float32).clone()
+    w[:, 0] = 0.0
+    return w
+
+
+class HeadStatsCollector:
+    """Hooks that accumulate per-head sums over every batch run while attached."""
+
+    def __init__(self, model: torch.nn.Module, adapter: BloomAdapter):
+        self.model, self.adapter = model, adapter
+        shape = (adapter.n_layer, adapter.n_head)
+        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in ("bos_mass", "entropy", "local_mass", "head_norm")}
+        self.layer_norm = torch.zeros(adapter.n_layer, dtype=torch.float64)
+        self.count = 0.0
+        self._weights: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "HeadStatsCollector":
+        for layer in range(self.adapter.n_layer):
+            attn = self.adapter.attention(self.model, layer)
+            self._handles.append(attn.register_forward_hook(self._attention_hook(layer)))
+            self._handles.append(self.adapter.dense(self.model, layer).register_forward_hook(self._dense_hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def set_batch(self, attention_mask: torch.Tensor) -> None:
+        self._weights = query_weights(attention_mask).to(next(self.model.parameters()).device)
+        self.count += float(self._weights.sum())
+
+    def _attention_hook(self, layer: int):
+        def hook(module, args, output):
+            probs = output[1]  # [B, H, Lq, Lk], returned by BloomAttention in every supported version
+            if probs is None or self._weights is None:
+                return
+            with torch.no_grad():
+                self._reduce_probs(layer, probs.float())
+
+        return hook
+
+    def _reduce_probs(self, layer: int, p: torch.Tensor) -> None:
+        w = self._weights[:, None, :]  # [B, 1, Lq]
+        bos = p[..., 0]
+        entropy = -torch.special.xlogy(p, p).sum(-1)
+        local = torch.diagonal(p, 0, -2, -1).clone()
+        for back in (1, 2):
+            if p.shape[-1] > back:
+                local[..., back:] += torch.diagonal(p, -back, -2, -1)
+        for name, value in (("bos_mass", bos), ("entropy", entropy), ("local_mass", local)):
+            self.sums[name][layer] += (value * w).sum(dim=(0, 2)).double().cpu()
+
+    def _dense_hook(self, layer: int):
+        def hook(module, args, output):
+            if self._weights is None:
+                return
+            with torch.no_grad():
+                self._reduce_dense(layer, module, args[0].float(), output.float())
+
+        return hook
+
+    def _reduce_dense(self, layer: int, module, ctx: torch.Tensor, out: torch.Tensor) -> None:
+        n_head, d = self.adapter.n_head, self.adapter.head_dim
+        weight = module.weight.float()  # [hidden, H*d]
+        gram = torch.einsum("ohd,ohe->hde", weight.view(-1, n_head, d), weight.view(-1, n_head, d))
+        c = ctx.view(*ctx.shape[:2], n_head, d)
+        head_sq = torch.einsum("blhd,hde,blhe->blh", c, gram, c).clamp_min(0)  # ||W_h c_h||^2
+        total = out - module.bias.float() if module.bias is not None else out
+        w = self._weights
+        self.sums["head_norm"][layer] += (head_sq.sqrt() * w[..., None]).sum(dim=(0, 1)).double().cpu()
+        self.layer_norm[layer] += float((total.norm(dim=-1) * w).sum())
+
+    def means(self) -> dict[str, np.ndarray]:
+        n = max(self.count, 1.0)
+        out = {name: (self.sums[name] / n).numpy() for name in ("bos_mass", "entropy", "local_mass")}
+        out["contribution"] = (self.sums["head_norm"] / self.layer_norm.clamp_min(1e-12)[:, None]).numpy()
+        return out
+
+
+@torch.no_grad()
+def run_statistics(
+    model: torch.nn.Module,
+    adapter: BloomAdapter,
+    token_ids: list[list[int]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    sink: Sink | None = None,
+    cancelled=lambda: False,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Per-head mean statistics over `token_ids`; returns (stats, number of query positions)."""
+    sink = sink or NullSink()
+    device = next(model.parameters()).device
+    body = base_model(model)
+    was_training = model.training
+    model.eval()
+    done = 0
+    try:
+        with HeadStatsCollector(model, adapter) as collector:
+            for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
+                if cancelled():
+                    break
+                collector.set_batch(mask)
+                body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                done += len(ids)
+                sink.emit(DiagnosisProgress(done, len(token_ids), int(collector.count)))
+    finally:
+        model.train(was_training)
+    return collector.means(), int(collector.count)
+
+
+def diagnose(
+    loaded,
+    prompts: list[str],
+    settings: DiagnosisSettings | None = None,
+    *,
+    sink: Sink | None = None,
+    cancelled=lambda: False,
+) -> HeadReport:
+    """Diagnose every head of a `LoadedModel` on `prompts`."""
+    settings = settings or DiagnosisSettings()
+    tok = loaded.tokenizer
+    token_ids = tokenize_prompts(tok, prompts, settings.max_len)
+    if not token_ids:
+        from .errors import InputError
+
+        raise InputError("no prompt is at least two tokens long: give longer prompts")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    stats, n_tokens = run_statistics(
+        loaded.model, loaded.adapter, token_ids, batch_size=settings.batch_size, pad_id=pad_id, sink=sink, cancelled=cancelled
+    )
+    adapter = loaded.adapter
+    return HeadReport(
+        model=loaded.ref,
+        n_layer=adapter.n_layer,
+        n_head=adapter.n_head,
+        slopes=adapter.slopes,
+        thresholds=settings.thresholds,
+        n_prompts=len(token_ids),
+        n_tokens=n_tokens,
+        **stats,
+    )

@@ -1,0 +1,125 @@
+"""Loading a model and tokenizer from a hub id or a local directory, with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import BloomAdapter, adapter_for
+from .errors import ModelLoadError
+from .runtime import resolve_device, resolve_dtype
+
+BUNDLED_MODEL_DIR = Path(__file__).parent / "organism_model"
+BUNDLED_NAME = "organism"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for diagnosis or surgery, with where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: BloomAdapter
+    ref: str  # hub id, or absolute path of the local directory
+    source: str  # "hub" | "local"
+    revision: str | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return Path(self.ref).name if self.source == "local" else self.ref
+
+
+def default_model_ref() -> str:
+    """The bundled organism model shipped inside the package."""
+    return str(BUNDLED_MODEL_DIR)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else (./x, /abs, a/b/c, ~) is meant as a path."""
+    return ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref)
+
+
+def resolve_ref(ref: str | None) -> tuple[str, str]:
+    """Return (ref, source): an absolute local directory or a hub id."""
+    if ref in (None, "", BUNDLED_NAME):
+        ref = default_model_ref()
+        if not (Path(ref) / "config.json").is_file():
+            raise ModelLoadError(
+                f"the bundled model is missing from {ref}: reinstall head-surgeon or pass --model PATH_OR_HUB_ID"
+            )
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {ref!r} is a file: pass the save_pretrained directory that holds it")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model directory {ref!r} has no config.json: pass a directory written by save_pretrained"
+            )
+        return str(path.resolve()), "local"
+    if _looks_like_path(ref):
+        raise ModelLoadError(f"model directory {ref!r} does not exist: check the path or pass a hub id")
+    return ref, "hub"
+
+
+def _hub_error(ref: str, exc: Exception) -> ModelLoadError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(
+        f"could not load {ref!r} from the Hugging Face hub ({first}): with no network, download it on a "
+        "connected machine (huggingface-cli download) and pass the local directory with --model PATH"
+    )
+
+
+def load_model(
+    ref: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer; `ref` is a hub id or a directory (None: bundled)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ref, source = resolve_ref(ref)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs = {"revision": revision, "trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(ref, **kwargs)
+    except OSError as exc:
+        raise (_hub_error(ref, exc) if source == "hub" else ModelLoadError(f"cannot read config of {ref!r}: {exc}"))
+    except ValueError as exc:  # unknown model_type in config.json
+        raise ModelLoadError(f"cannot read config of {ref!r}: {str(exc).splitlines()[0]}") from exc
+    adapter = adapter_for(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
+    except OSError as exc:
+        if source == "hub":
+            raise _hub_error(ref, exc) from exc
+        raise ModelLoadError(f"cannot load weights or tokenizer from {ref!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, adapter, ref, source, revision, dev, torch_dtype)
+
+
+def weights_hash(directory: str | Path) -> str:
+    """sha256 over the directory's weight files (names and bytes), for pinning a local base model."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise ModelLoadError(f"no weight files (*.safetensors) in {directory}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

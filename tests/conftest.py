@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from helpers import plant_collapse, save_model, tiny_model  # noqa: E402
+
+PLANTED = [(0, 3), (2, 1)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return save_model(tiny_model(), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def planted_dir(tmp_path_factory):
+    model = tiny_model()
+    plant_collapse(model, PLANTED)
+    return save_model(model, tmp_path_factory.mktemp("planted"))

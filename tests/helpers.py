@@ -1,0 +1,67 @@
+"""Tiny BLOOM models built in code, saved with save_pretrained, and a planted-collapse editor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BloomConfig, BloomForCausalLM
+
+from engine.arch import adapter_for
+from engine.prompts import builtin_prompts
+from engine.tokenizer import train_bpe_tokenizer
+
+_TOKENIZER = None
+
+
+def tiny_tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = train_bpe_tokenizer(builtin_prompts() * 2, vocab_size=320)
+    return _TOKENIZER
+
+
+def tiny_model(n_layer: int = 3, n_head: int = 4, hidden: int = 32, seed: int = 0) -> BloomForCausalLM:
+    tok = tiny_tokenizer()
+    cfg = BloomConfig(vocab_size=len(tok), hidden_size=hidden, n_layer=n_layer, n_head=n_head,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return BloomForCausalLM(cfg).eval()
+
+
+def save_model(model, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@torch.no_grad()
+def plant_collapse(model, heads: list[tuple[int, int]], strength: float = 60.0) -> None:
+    """Make each (layer, head) in `heads` put almost all attention on position 0 (the BOS token).
+
+    Hidden dimension 0 becomes a BOS marker: only the BOS embedding is non-zero there and no block writes
+    to it. Each planted head gets a constant query and a key that reads the marker, so the BOS key wins
+    by a margin far larger than any ALiBi penalty."""
+    adapter = adapter_for(model)
+    bos = model.config.bos_token_id
+    emb = model.transformer.word_embeddings.weight
+    emb[:, 0] = 0.0
+    emb[bos] = 0.0
+    emb[bos, 0] = 10.0
+    for block in adapter.blocks(model):
+        for linear in (block.self_attention.dense, block.mlp.dense_4h_to_h):
+            linear.weight[0] = 0.0
+            linear.bias[0] = 0.0
+    d = adapter.head_dim
+    for layer, head in heads:
+        qkv = adapter.qkv(model, layer)
+        rows = adapter.qkv_rows(head)
+        w, b = qkv.weight[rows].view(3, d, -1), qkv.bias[rows].view(3, d)
+        w[0] = 0.0
+        b[0] = 0.0
+        b[0, 0] = strength  # constant query
+        w[1] = 0.0
+        b[1] = 0.0
+        w[1, 0, 0] = strength  # key = marker dimension
+        qkv.weight[rows] = w.view(3 * d, -1)
+        qkv.bias[rows] = b.view(-1)

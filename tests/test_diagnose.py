@@ -1,0 +1,93 @@
+"""Hook-based statistics against a reference built from output_attentions=True."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PLANTED
+from engine.diagnose import DiagnosisSettings, diagnose, tokenize_prompts
+from engine.model import load_model
+from engine.prompts import builtin_prompts
+from engine.report import DEAD, HEALTHY, Thresholds
+
+
+def reference_stats(loaded, prompts, max_len=512):
+    """Per-head means computed one unpadded prompt at a time from the full attention maps."""
+    model, adapter = loaded.model, loaded.adapter
+    L, H, d = adapter.n_layer, adapter.n_head, adapter.head_dim
+    sums = {k: np.zeros((L, H)) for k in ("bos_mass", "entropy", "local_mass", "head_norm")}
+    layer_norm, count = np.zeros(L), 0
+    with torch.no_grad():
+        for ids in tokenize_prompts(loaded.tokenizer, prompts, max_len):
+            x = torch.tensor([ids])
+            out = model(input_ids=x, output_attentions=True, output_hidden_states=True)
+            n = len(ids)
+            count += n - 1
+            for layer, att in enumerate(out.attentions):
+                p = att[0].double()  # [H, n, n]
+                for q in range(1, n):
+                    row = p[:, q, : q + 1]
+                    sums["bos_mass"][layer] += row[:, 0].numpy()
+                    sums["entropy"][layer] += (-(row * torch.log(row.clamp_min(1e-300))).sum(-1)).numpy()
+                    sums["local_mass"][layer] += row[:, max(0, q - 2) : q + 1].sum(-1).numpy()
+                block = adapter.blocks(model)[layer]
+                ln = block.input_layernorm(out.hidden_states[layer])
+                v = adapter.qkv(model, layer)(ln).view(1, n, H, 3, d)[..., 2, :][0]  # [n, H, d]
+                W = adapter.dense(model, layer).weight
+                total = torch.zeros(n, W.shape[0])
+                for h in range(H):
+                    ctx = att[0, h] @ v[:, h]  # [n, d]
+                    o = ctx @ W[:, adapter.dense_cols(h)].T
+                    total += o
+                    sums["head_norm"][layer, h] += o[1:].norm(dim=-1).sum().item()
+                layer_norm[layer] += total[1:].norm(dim=-1).sum().item()
+    means = {k: sums[k] / count for k in ("bos_mass", "entropy", "local_mass")}
+    means["contribution"] = sums["head_norm"] / layer_norm[:, None]
+    return means, count
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return builtin_prompts()[:10]
+
+
+def test_hook_statistics_equal_output_attentions_reference(tiny_dir, prompts):
+    loaded = load_model(str(tiny_dir))
+    report = diagnose(loaded, prompts, DiagnosisSettings(batch_size=4))
+    ref, count = reference_stats(loaded, prompts)
+    assert report.n_tokens == count
+    for name in ("bos_mass", "entropy", "local_mass", "contribution"):
+        np.testing.assert_allclose(getattr(report, name), ref[name], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_batching_and_padding_do_not_change_statistics(planted_dir, prompts):
+    loaded = load_model(str(planted_dir))
+    one = diagnose(loaded, prompts, DiagnosisSettings(batch_size=1))
+    many = diagnose(loaded, prompts, DiagnosisSettings(batch_size=7))
+    for name in ("bos_mass", "entropy", "local_mass", "contribution"):
+        np.testing.assert_allclose(getattr(one, name), getattr(many, name), atol=1e-5, err_msg=name)
+
+
+def test_planted_collapse_is_found_exactly(planted_dir):
+    report = diagnose(load_model(str(planted_dir)), builtin_prompts())
+    assert sorted(report.sick()) == sorted(PLANTED)
+    for layer, head in PLANTED:
+        assert report.classes[layer, head] == DEAD
+        assert report.bos_mass[layer, head] > 0.99
+    assert report.counts()[HEALTHY] == report.n_layer * report.n_head - len(PLANTED)
+
+
+def test_thresholds_reclassify_without_recomputing(planted_dir):
+    report = diagnose(load_model(str(planted_dir)), builtin_prompts()[:4])
+    strict = report.with_thresholds(Thresholds(sink=0.005, dead=0.999))
+    assert strict.counts()[HEALTHY] < report.counts()[HEALTHY]
+    assert np.array_equal(strict.bos_mass, report.bos_mass)
+
+
+def test_report_json_round_trip(planted_dir):
+    from engine.report import HeadReport
+
+    report = diagnose(load_model(str(planted_dir)), builtin_prompts()[:4])
+    back = HeadReport.from_json(report.to_json())
+    assert back.classes.tolist() == report.classes.tolist()
+    np.testing.assert_allclose(back.entropy, report.entropy)
