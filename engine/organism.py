@@ -1,0 +1,256 @@
+"""The organism: a small ALiBi BLOOM pretrained from scratch until its low-slope heads collapse.
+
+Two stages, so data preparation (CPU, `datasets`, `tokenizers`) and pretraining (GPU) can run on
+different machines:
+  prepare_data: corpus -> byte-level BPE tokenizer (prepends BOS) + token stream (safetensors)
+  train_organism: prepared data -> BloomForCausalLM trained on BOS-started random crops -> save_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .arch import adapter_for
+from .atomic import atomic_write_text
+from .corpus import CorpusSpec, load_texts, token_stream
+from .diagnose import run_statistics
+from .errors import InputError
+from .events import NullSink, PhaseChanged, Sink, StepMetrics
+from .loss import causal_lm_loss
+from .report import HeadReport
+from .tokenizer import train_bpe_tokenizer
+
+DATA_FILE = "tokens.safetensors"
+DATA_META = "data.json"
+RECORD_FILE = "organism.json"
+
+
+@dataclass
+class OrganismConfig:
+    """Architecture and pretraining recipe (defaults: the recipe that makes the low-slope band collapse)."""
+
+    layers: int = 6
+    heads: int = 16
+    hidden: int = 256
+    seq_len: int = 512
+    batch_size: int = 32
+    steps: int = 4000
+    lr: float = 6e-4
+    min_lr_frac: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    seed: int = 0
+    alibi: bool = True
+    eval_blocks: int = 64
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise InputError(f"--hidden {self.hidden} is not divisible by --heads {self.heads}")
+        if min(self.layers, self.heads, self.steps, self.batch_size) < 1 or self.seq_len < 8:
+            raise InputError("layers, heads, steps and batch size must be >= 1 and seq len >= 8")
+
+
+# --- stage 1: data -------------------------------------------------------------------------------------
+def prepare_data(spec: CorpusSpec, out_dir: str | Path, vocab_size: int = 4096, heldout_frac: float = 0.02,
+                 sink: Sink | None = None) -> dict:
+    """Train the tokenizer on the corpus and write it with the tokenised stream into `out_dir`."""
+    from safetensors.torch import save_file
+
+    sink = sink or NullSink()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sink.emit(PhaseChanged("prepare", f"reading {spec.describe()}"))
+    texts = load_texts(spec)
+    sink.emit(PhaseChanged("prepare", f"training a {vocab_size}-token BPE on {len(texts)} documents"))
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    sink.emit(PhaseChanged("prepare", "tokenising"))
+    stream = token_stream(tokenizer, texts)
+    n_held = max(int(len(stream) * heldout_frac), 1)
+    if len(stream) - n_held < 4 * 512:
+        raise InputError(f"corpus {spec.describe()!r} gives only {len(stream)} tokens: give more text")
+    tokenizer.save_pretrained(out)
+    dtype = torch.int16 if len(tokenizer) < 2**15 else torch.int32
+    save_file({"train": stream[:-n_held].to(dtype).contiguous(), "heldout": stream[-n_held:].to(dtype).contiguous()}, out / DATA_FILE)
+    meta = {"corpus": spec.describe(), "documents": len(texts), "characters": sum(map(len, texts)),
+            "tokens": len(stream), "heldout_tokens": n_held, "vocab_size": len(tokenizer)}
+    atomic_write_text(out / DATA_META, json.dumps(meta, indent=1))
+    return meta
+
+
+def load_data(data_dir: str | Path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    data_dir = Path(data_dir)
+    if not (data_dir / DATA_FILE).is_file():
+        raise InputError(f"{data_dir} holds no {DATA_FILE}: run head-surgeon organism prepare first")
+    tensors = load_file(data_dir / DATA_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(data_dir)
+    return tokenizer, tensors["train"].long(), tensors["heldout"].long()
+
+
+# --- stage 2: pretraining ------------------------------------------------------------------------------
+def build_model(config: OrganismConfig, tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden, n_layer=config.layers, n_head=config.heads,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    torch.manual_seed(config.seed)
+    model = BloomForCausalLM(cfg)
+    if not config.alibi:
+        disable_alibi(model)
+    return model
+
+
+def disable_alibi(model) -> None:
+    """Control experiment: replace the ALiBi bias by zeros (the model then has no positional signal
+    besides causal masking). Only for this process: a saved model always reloads with ALiBi."""
+    body = model.transformer
+
+    def zero_alibi(self, attention_mask, num_heads, dtype):
+        b, t = attention_mask.shape
+        return torch.zeros(b * num_heads, 1, t, dtype=dtype, device=attention_mask.device)
+
+    body.build_alibi_tensor = types.MethodType(zero_alibi, body)
+
+
+def crops(stream: torch.Tensor, n: int, body: int, bos: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` random crops of `body` tokens, each prefixed with BOS."""
+    starts = torch.randint(0, len(stream) - body, (n,), generator=generator)
+    idx = starts[:, None] + torch.arange(body)[None, :]
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), stream[idx]], dim=1)
+
+
+def lr_at(step: int, config: OrganismConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (config.min_lr_frac + (1 - config.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def heldout_blocks(heldout: torch.Tensor, config: OrganismConfig, bos: int) -> torch.Tensor:
+    body = config.seq_len - 1
+    n = min(config.eval_blocks, len(heldout) // body)
+    if n < 1:
+        raise InputError("held-out split is shorter than one block: prepare with a larger held-out fraction")
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), heldout[: n * body].view(n, body)], dim=1)
+
+
+@torch.no_grad()
+def heldout_ppl(model, blocks: torch.Tensor, device, batch: int = 16) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch):
+        ids = blocks[start : start + batch].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
+            loss = causal_lm_loss(model.lm_head, hidden, ids)
+        n = ids[:, 1:].numel()
+        total += float(loss) * n
+        count += n
+    return math.exp(total / count)
+
+
+def band_summary(report: HeadReport) -> dict:
+    """The numbers the organism is judged by: share of heads above 0.5 and upper/lower head-index ratio."""
+    bos = report.bos_mass
+    half = report.n_head // 2
+    lower, upper = float(bos[:, :half].mean()), float(bos[:, half:].mean())
+    return {
+        "heads_over_0.5": int((bos > 0.5).sum()),
+        "frac_over_0.5": float((bos > 0.5).mean()),
+        "mean_bos_lower_half": lower,
+        "mean_bos_upper_half": upper,
+        "upper_to_lower": upper / max(lower, 1e-9),
+        "column_mean_bos": report.column_mean_bos(),
+        "counts": report.counts(),
+    }
+
+
+def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | Path | None, *, device=None,
+                   sink: Sink | None = None, cancelled=lambda: False, time_limit_s: float | None = None) -> dict:
+    """Pretrain, diagnose on held-out text, save (bf16) and return the run record.
+
+    `time_limit_s` stops pretraining early (recorded as `stopped_early`) so a run fits a machine lease."""
+    from .runtime import resolve_device
+
+    sink = sink or NullSink()
+    dev = resolve_device(device)
+    tokenizer, train, heldout = load_data(data_dir)
+    bos = tokenizer.bos_token_id
+    model = build_model(config, tokenizer).to(dev)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.beta1, config.beta2), fused=dev.type == "cuda",
+    )
+    gen = torch.Generator().manual_seed(config.seed)
+    sink.emit(PhaseChanged("pretrain", f"{sum(p.numel() for p in model.parameters())/1e6:.2f}M parameters on {dev}"))
+    t0 = time.perf_counter()
+    step, loss_value = 0, float("nan")
+    for step in range(config.steps):
+        if cancelled() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
+            step -= 1
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config)
+        ids = crops(train, config.batch_size, config.seq_len - 1, bos, gen).to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
+            loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == config.steps - 1:
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
+            elapsed = time.perf_counter() - t0
+            sink.emit(StepMetrics(step + 1, config.steps, loss_value, lr_at(step, config), float(grad_norm),
+                                  (step + 1) * ids.numel() / elapsed, elapsed))
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    blocks = heldout_blocks(heldout, config, bos)
+    ppl = heldout_ppl(model, blocks, dev)
+    sink.emit(PhaseChanged("diagnose", f"held-out perplexity {ppl:.2f}"))
+    adapter = adapter_for(model)
+    stats, n_tokens = run_statistics(model, adapter, blocks.tolist(), batch_size=8)
+    report = HeadReport(model=str(out_dir or "organism"), n_layer=adapter.n_layer, n_head=adapter.n_head,
+                        slopes=adapter.slopes, n_prompts=len(blocks), n_tokens=n_tokens, **stats)
+    record = {
+        "config": asdict(config),
+        "data": json.loads((Path(data_dir) / DATA_META).read_text()) if (Path(data_dir) / DATA_META).exists() else {},
+        "steps_done": step + 1,
+        "stopped_early": step + 1 < config.steps,
+        "train_seconds": round(train_seconds, 1),
+        "final_train_loss": loss_value,
+        "heldout_ppl": ppl,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "heldout_diagnosis": band_summary(report),
+        "bos_mass": np.round(report.bos_mass, 4).tolist(),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if config.alibi:  # a no-ALiBi control would silently regain ALiBi when reloaded: keep only its record
+            model.to(torch.bfloat16).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        atomic_write_text(out / RECORD_FILE, json.dumps(record, indent=1))
+    return record

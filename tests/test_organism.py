@@ -1,0 +1,55 @@
+"""The bundled organism and the organism command."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.corpus import CorpusSpec
+from engine.diagnose import diagnose
+from engine.model import BUNDLED_MODEL_DIR, load_model
+from engine.organism import OrganismConfig, prepare_data, train_organism
+from engine.prompts import builtin_prompts
+
+
+def test_bundled_organism_is_the_default_and_loads():
+    loaded = load_model(None)
+    assert loaded.ref == str(BUNDLED_MODEL_DIR.resolve())
+    assert loaded.adapter.n_head >= 16
+    size = sum(p.stat().st_size for p in BUNDLED_MODEL_DIR.iterdir())
+    assert size <= 16 * 2**20
+
+
+def test_bundled_organism_has_the_low_slope_band():
+    report = diagnose(load_model(None), builtin_prompts())
+    bos = report.bos_mass
+    half = report.n_head // 2
+    assert bos[:, half:].mean() >= 3 * bos[:, :half].mean()
+    sick_columns = {h for _, h in report.sick() if report.classes[_, h] != "low-entropy"}
+    assert sick_columns and min(sick_columns) >= half  # every BOS sink is a low-slope head
+
+
+def _tiny_corpus(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(builtin_prompts()):
+        (corpus / f"doc{i:02d}.txt").write_text(text * 3)
+    return corpus
+
+
+def test_organism_command_end_to_end_is_deterministic(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "data"
+    meta = prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
+    assert meta["tokens"] > 4 * 512
+    config = OrganismConfig(layers=2, heads=4, hidden=32, seq_len=32, batch_size=4, steps=6, warmup=2, eval_blocks=4)
+    records = [train_organism(config, data, tmp_path / f"run{i}") for i in range(2)]
+    assert records[0]["steps_done"] == 6 and np.isfinite(records[0]["heldout_ppl"])
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "run0")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "run1")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "run0" / "organism.json").read_text())["config"]["seed"] == 0
+    tok = load_model(str(tmp_path / "run0")).tokenizer
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
