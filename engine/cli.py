@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no command, opens the workbench.",
     )
     add_model_args(parser)
-    parser.add_argument("--session", help="open (or create) this session file in the workbench")
+    parser.add_argument("--prompts", help="diagnostic prompts for the workbench (.jsonl or .txt)")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("diagnose", help="measure every head and classify it (healthy / BOS-sink / dead / low-entropy)")

@@ -6,6 +6,6 @@ from __future__ import annotations
 def launch(args) -> int:
     from .app import HeadSurgeonApp
 
-    app = HeadSurgeonApp(model_ref=args.model, device=args.device, dtype=args.dtype, session_path=args.session)
+    app = HeadSurgeonApp(model_ref=args.model, device=args.device, dtype=args.dtype, prompts_path=args.prompts)
     app.run()
     return app.return_code or 0

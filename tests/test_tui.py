@@ -1,0 +1,145 @@
+"""Drive the real workbench with Pilot on a tiny planted model; SVG snapshots of the main screens."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import PLANTED
+from tui.app import HeadSurgeonApp
+from tui.headgrid import GridData, HeadGrid
+from tui.screens import HelpScreen, PromptScreen
+from tui_helpers import wait_idle
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+SIZE = (80, 24)
+
+
+def check_snapshot(app, name: str) -> None:
+    """Compare the screen's SVG with the stored one; HEAD_SURGEON_UPDATE_SNAPSHOTS=1 rewrites it."""
+    svg = app.export_screenshot(title="head-surgeon")
+    path = SNAPSHOTS / f"{name}.svg"
+    if os.environ.get("HEAD_SURGEON_UPDATE_SNAPSHOTS") or not path.exists():
+        path.write_text(svg)
+        if not os.environ.get("HEAD_SURGEON_UPDATE_SNAPSHOTS"):
+            pytest.fail(f"snapshot {path.name} was missing and has been written: re-run")
+    assert svg == path.read_text(), f"screen differs from {path}: inspect it, then HEAD_SURGEON_UPDATE_SNAPSHOTS=1"
+
+
+async def test_diagnoses_on_open_and_marks_from_the_keyboard(planted_dir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        grid = app.query_one(HeadGrid)
+        assert app.report is not None
+        assert grid.data.classes[0][3] == "dead" and grid.data.classes[2][1] == "dead"
+        await pilot.press("right", "l", "j")  # move to L1.H2
+        assert grid.cursor == (1, 2)
+        await pilot.press("space")
+        assert grid.data.targets == {(1, 2)}
+        await pilot.press("f")  # freezing a target moves it to frozen
+        assert grid.data.targets == set() and grid.data.frozen == {(1, 2)}
+        await pilot.press("c")  # whole column 2 as targets
+        assert grid.data.targets == {(l, 2) for l in range(3)} and grid.data.frozen == set()
+        await pilot.press("c")  # toggles off again
+        assert grid.data.targets == set()
+        await pilot.press("r")
+        assert grid.data.targets == {(1, h) for h in range(4)}
+        await pilot.press("x", "a")  # clear, then mark all sick
+        assert grid.data.targets == set(PLANTED)
+        assert "L1.H2" in str(app.query_one("#detail").render())
+
+
+async def test_band_spec_dialog_marks_heads_and_reports_errors(planted_dir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("b")
+        await pilot.pause()
+        assert isinstance(app.screen, PromptScreen)
+        await pilot.press(*"1-2.2-3", "enter")
+        await pilot.pause()
+        assert app.grid.data.targets == {(1, 2), (1, 3), (2, 2), (2, 3)}
+        await pilot.press("b", *"9.1", "enter")
+        await pilot.pause()
+        assert app.grid.data.targets == {(1, 2), (1, 3), (2, 2), (2, 3)}
+        assert any("out of range" in n.message for n in app._notifications)
+
+
+async def test_bad_model_path_is_a_notification_not_a_crash(tmp_path):
+    app = HeadSurgeonApp(model_ref=str(tmp_path / "missing"))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        assert app.loaded is None
+        assert any("does not exist" in n.message for n in app._notifications)
+        assert app.is_running
+
+
+async def test_open_model_dialog_switches_models(planted_dir, tiny_dir):
+    app = HeadSurgeonApp(model_ref=str(tiny_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        assert app.report.counts()["dead"] == 0
+        await pilot.press("m")
+        await pilot.pause()
+        app.screen.query_one("Input").value = str(planted_dir)
+        await pilot.press("enter")
+        await wait_idle(app, pilot)
+        assert app.report.counts()["dead"] == 2
+
+
+async def test_help_lists_every_key_and_quit_is_clean(planted_dir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        for key in ("space", "`f`", "`r`", "`c`", "`d`", "`b`", "`a`", "`m`", "`q`", "`h`"):
+            assert key in app.screen.markdown
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_value == 0
+
+
+async def test_grid_scrolls_a_bloom_176b_sized_grid():
+    """70 layers x 112 heads in one Line-API widget: the cursor stays visible and rows render to width."""
+    from textual.app import App
+
+    class GridApp(App):
+        def compose(self):
+            yield HeadGrid()
+
+    app = GridApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        grid = app.query_one(HeadGrid)
+        classes = [["dead" if h >= 100 else "healthy" for h in range(112)] for _ in range(70)]
+        grid.set_data(GridData(70, 112, [0.5] * 112, bos=[[h / 112 for h in range(112)]] * 70, classes=classes))
+        grid.focus()
+        await pilot.press("end", "pagedown", "pagedown", "pagedown", "pagedown", "pagedown", "pagedown", "pagedown")
+        await pilot.pause()
+        assert grid.cursor == (69, 111)
+        assert grid.scroll_offset.x > 0 and grid.scroll_offset.y > 0
+        last = grid.render_line(grid.size.height - 1)
+        assert last.cell_length == grid.size.width
+        assert last.text.startswith("L69") and "+" not in last.text
+        assert len(list(grid.children)) == 0
+
+
+async def test_snapshots_main_help_and_spec_dialog(planted_dir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.sub_title = "planted"  # the temp path differs between runs
+        app.query_one("RichLog").clear()
+        await pilot.press("space", "j", "f")
+        await pilot.pause()
+        check_snapshot(app, "main")
+        await pilot.press("question_mark")
+        await pilot.pause()
+        check_snapshot(app, "help")
+        await pilot.press("escape", "b")
+        await pilot.pause()
+        check_snapshot(app, "spec_dialog")
