@@ -172,7 +172,7 @@ class HeadSurgeonApp(App[int]):
             text.append("not diagnosed yet (d)", style="dim")
             return text
         info = self.report.head(layer, head)
-        text.append(info["class"] + "\n", style=self.grid._style(info["class"]))
+        text.append(info["class"] + "\n", style=self.grid.class_style(info["class"]))
         for key, label in (("bos_mass", "BOS mass"), ("entropy", "entropy"), ("local_mass", "local mass"),
                            ("contribution", "contribution")):
             text.append(f"{label:<14}{info[key]:.3f}\n")
@@ -183,7 +183,7 @@ class HeadSurgeonApp(App[int]):
         text = Text()
         for name in CLASS_NAMES:
             count = self.report.counts()[name] if self.report is not None else "-"
-            text.append("  ", style=self.grid._style(name))
+            text.append("  ", style=self.grid.class_style(name))
             text.append(f" {name:<12}{count}\n")
         if self.report is not None:
             text.append("\nmean BOS by head\n", style="bold")

@@ -93,7 +93,8 @@ class HeadGrid(ScrollView, can_focus=True):
         super().notify_style_update()
         self._styles.clear()
 
-    def _style(self, name: str) -> Style:
+    def class_style(self, name: str) -> Style:
+        """The theme style of a component (`label`, `cursor`, or a class name such as `dead`)."""
         if name not in self._styles:
             self._styles[name] = self.get_component_rich_style(f"headgrid--{name}")
         return self._styles[name]
@@ -103,19 +104,19 @@ class HeadGrid(ScrollView, can_focus=True):
         d = self.data
         mark = "+" if (layer, head) in d.targets else "=" if (layer, head) in d.frozen else " "
         if d.bos is None:
-            text, style = mark + " ·", self._style("undiagnosed")
+            text, style = mark + " ·", self.class_style("undiagnosed")
         else:
             value = d.bos[layer][head]
             body = f"{min(99, round(100 * value)):2d}" if self.show_numbers else "  "
-            text, style = mark + body, self._style(d.classes[layer][head])
+            text, style = mark + body, self.class_style(d.classes[layer][head])
         if (layer, head) == self.cursor and self.has_focus:
-            style = style + self._style("cursor")
+            style = style + self.class_style("cursor")
         return Segment(text, style)
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
         d = self.data
-        label = self._style("label")
+        label = self.class_style("label")
         scroll_x, scroll_y = self.scroll_offset
         if y == 0:
             heads = "".join(f"{h}".rjust(CELL_W) for h in range(d.n_head))
