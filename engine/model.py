@@ -95,7 +95,8 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(ref, **kwargs)
     except OSError as exc:
-        raise (_hub_error(ref, exc) if source == "hub" else ModelLoadError(f"cannot read config of {ref!r}: {exc}"))
+        error = _hub_error(ref, exc) if source == "hub" else ModelLoadError(f"cannot read config of {ref!r}: {exc}")
+        raise error from exc
     except ValueError as exc:  # unknown model_type in config.json
         raise ModelLoadError(f"cannot read config of {ref!r}: {str(exc).splitlines()[0]}") from exc
     adapter = adapter_for(config)

@@ -49,7 +49,7 @@ def test_organism_command_end_to_end_is_deterministic(tmp_path):
     assert records[0]["steps_done"] == 6 and np.isfinite(records[0]["heldout_ppl"])
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "run0")
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "run1")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert json.loads((tmp_path / "run0" / "organism.json").read_text())["config"]["seed"] == 0
     tok = load_model(str(tmp_path / "run0")).tokenizer
     assert tok("x")["input_ids"][0] == tok.bos_token_id
