@@ -7,7 +7,7 @@
 Never imports textual; long work reports through `engine.events` sinks.
 """
 
-from .diagnose import DiagnosisSettings, diagnose
+from .diagnosis import DiagnosisSettings, diagnose
 from .errors import HeadSurgeonError
 from .model import LoadedModel, load_model
 from .prompts import builtin_prompts, load_prompts

@@ -41,7 +41,7 @@ def add_diagnosis_args(p: argparse.ArgumentParser) -> None:
 
 
 def diagnosis_settings(args):
-    from .diagnose import DiagnosisSettings
+    from .diagnosis import DiagnosisSettings
     from .report import Thresholds
 
     return DiagnosisSettings(
@@ -61,7 +61,7 @@ def cmd_diagnose(args) -> int:
     from rich.console import Console
 
     from .console import print_report
-    from .diagnose import diagnose
+    from .diagnosis import diagnose
     from .prompts import load_prompts
 
     console = Console(stderr=False)

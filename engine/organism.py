@@ -21,7 +21,7 @@ import torch
 from .arch import adapter_for
 from .atomic import atomic_write_text
 from .corpus import CorpusSpec, load_texts, token_stream
-from .diagnose import run_statistics
+from .diagnosis import run_statistics
 from .errors import InputError
 from .events import NullSink, PhaseChanged, Sink, StepMetrics
 from .loss import causal_lm_loss

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import PLANTED
-from engine.diagnose import DiagnosisSettings, diagnose, tokenize_prompts
+from engine.diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from engine.model import load_model
 from engine.prompts import builtin_prompts
 from engine.report import DEAD, HEALTHY, Thresholds

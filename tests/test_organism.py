@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from engine.corpus import CorpusSpec
-from engine.diagnose import diagnose
+from engine.diagnosis import diagnose
 from engine.model import BUNDLED_MODEL_DIR, load_model
 from engine.organism import OrganismConfig, prepare_data, train_organism
 from engine.prompts import builtin_prompts

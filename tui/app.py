@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, ProgressBar, RichLog, Static
 from textual.worker import get_current_worker
 
-from engine import diagnose as diagnose_mod
+from engine.diagnosis import diagnose
 from engine.errors import HeadSurgeonError
 from engine.model import load_model
 from engine.prompts import load_prompts
@@ -95,7 +95,7 @@ class HeadSurgeonApp(App[int]):
         worker = get_current_worker()
         try:
             prompts = load_prompts(self.prompts_path)
-            report = diagnose_mod.diagnose(loaded, prompts, sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
+            report = diagnose(loaded, prompts, sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
         except HeadSurgeonError as exc:
             self.post_message(WorkFailed("diagnosis", str(exc)))
             return
