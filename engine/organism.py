@@ -20,7 +20,7 @@ import torch
 
 from .arch import adapter_for
 from .atomic import atomic_write_text
-from .corpus import CorpusSpec, load_texts, token_stream
+from .corpus import CorpusSpec, load_texts, pack_blocks, token_stream
 from .diagnosis import run_statistics
 from .errors import InputError
 from .events import NullSink, PhaseChanged, Sink, StepMetrics
@@ -143,11 +143,10 @@ def lr_at(step: int, config: OrganismConfig) -> float:
 
 
 def heldout_blocks(heldout: torch.Tensor, config: OrganismConfig, bos: int) -> torch.Tensor:
-    body = config.seq_len - 1
-    n = min(config.eval_blocks, len(heldout) // body)
-    if n < 1:
+    blocks = pack_blocks(heldout, config.seq_len, bos)[: config.eval_blocks]
+    if len(blocks) < 1:
         raise InputError("held-out split is shorter than one block: prepare with a larger held-out fraction")
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), heldout[: n * body].view(n, body)], dim=1)
+    return blocks
 
 
 @torch.no_grad()

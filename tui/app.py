@@ -180,8 +180,9 @@ class HeadSurgeonApp(App[int]):
     def _summary_text(self) -> Text:
         data = self.grid.data
         text = Text()
+        counts = self.report.counts() if self.report is not None else {}
         for name in CLASS_NAMES:
-            count = self.report.counts()[name] if self.report is not None else "-"
+            count = counts.get(name, "-")
             text.append("  ", style=self.grid.class_style(name))
             text.append(f" {name:<12}{count}\n")
         if self.report is not None:
