@@ -108,6 +108,94 @@ def cmd_organism(args) -> int:
     return 0
 
 
+def add_corpus_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--corpus", required=default is None, default=default,
+                   help="text file, directory of text files, .jsonl/.parquet with a text column, hub dataset id, "
+                   "or python-stdlib")
+    p.add_argument("--corpus-config", help="hub dataset config (e.g. en for allenai/c4)")
+    p.add_argument("--corpus-split", help="hub dataset split (e.g. validation)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--max-documents", type=int, help="use only the first N documents")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=int, help="epochs over the training blocks (default 1)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--warmup-frac", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N optimizer steps (and per epoch)")
+    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for perplexity")
+    p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def job_from_args(args, loaded, sick):
+    from .corpus import CorpusSpec
+    from .evaluate import EvalSettings
+    from .operation import SurgeryJob
+    from .report import Thresholds
+    from .surgery import SurgeryPlan
+    from .train import TrainConfig
+
+    plans = [SurgeryPlan.from_specs(args.targets, args.frozen, loaded.adapter, sick=sick, init=args.init, seed=args.seed)]
+    if args.pass2_targets:
+        plans.append(SurgeryPlan.from_specs(args.pass2_targets, args.pass2_frozen, loaded.adapter, sick=sick,
+                                            init=args.init, seed=args.seed + 1))
+    train = TrainConfig(lr=args.lr, micro_batch=args.micro_batch, grad_accum=args.grad_accum, seq_len=args.seq_len,
+                        steps=args.steps, epochs=args.epochs, warmup_frac=args.warmup_frac, eval_every=args.eval_every,
+                        eval_blocks=args.eval_blocks, gradient_checkpointing=not args.no_checkpointing, seed=args.seed)
+    corpus = CorpusSpec(args.corpus, args.corpus_config, args.corpus_split, args.text_column, args.max_documents)
+    evaluation = EvalSettings(thresholds=Thresholds(sink=args.sink, dead=args.dead, low_entropy=args.low_entropy),
+                              completion_prompts=args.completions)
+    return SurgeryJob(plans, corpus, train, evaluation)
+
+
+def cmd_operate(args) -> int:
+    from rich.console import Console
+
+    from .console import ConsoleSink, print_operation
+    from .diagnosis import diagnose
+    from .operation import run_job
+    from .patch import export_model
+    from .prompts import load_prompts
+
+    console = Console()
+    prompts = load_prompts(args.prompts)
+    with console.status("loading model…"):
+        loaded = load_from_args(args)
+    settings = diagnosis_settings(args)
+    with console.status(f"diagnosing {loaded.name} before surgery…"):
+        baseline = diagnose(loaded, prompts, settings)
+    job = job_from_args(args, loaded, baseline.sick())
+    with ConsoleSink(console) as sink:
+        report = run_job(loaded, job, args.out, prompts=prompts, sink=sink, baseline=baseline)
+    print_operation(report, console)
+    console.print(f"patch and report written to {args.out}")
+    if args.export:
+        export_model(loaded.model, loaded.tokenizer, args.export)
+        console.print(f"repaired model exported to {args.export}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .model import check_identity
+    from .patch import apply_head_tensors, export_model, load_patch
+    from .spec import format_heads
+
+    tensors, meta = load_patch(args.patch)
+    loaded = load_from_args(args)
+    if not args.force:
+        check_identity(meta.get("base_model", {}), loaded, f"patch {args.patch}")
+    heads = apply_head_tensors(loaded.model, loaded.adapter, tensors)
+    export_model(loaded.model, loaded.tokenizer, args.out)
+    print(f"applied {len(heads)} heads ({format_heads(heads)}) to {loaded.name}; model written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="head-surgeon",
@@ -123,6 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_diagnosis_args(p)
     p.add_argument("--json", help="write the report as JSON to this path")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("operate", help="re-initialise target heads and retrain only them; writes a patch and report")
+    add_model_args(p)
+    add_diagnosis_args(p)
+    p.add_argument("--targets", required=True, help="head spec, e.g. 3.9-15,5-22.9-15,23.12 or sick")
+    p.add_argument("--frozen", help="heads kept frozen for the record (never trained), same spec language")
+    p.add_argument("--pass2-targets", help="second pass, started from the first pass's best checkpoint")
+    p.add_argument("--pass2-frozen")
+    p.add_argument("--init", choices=("xavier_uniform", "xavier_normal"), default="xavier_uniform")
+    add_corpus_args(p)
+    add_train_args(p)
+    p.add_argument("--completions", type=int, default=3, help="sample this many prompt completions before/after")
+    p.add_argument("--out", required=True, help="directory for patch.safetensors, report.json and checkpoints")
+    p.add_argument("--export", help="also write the repaired model (save_pretrained) into this new directory")
+    p.set_defaults(func=cmd_operate)
+
+    p = sub.add_parser("apply", help="apply a saved patch to its base model and export the repaired model")
+    add_model_args(p)
+    p.add_argument("--patch", required=True, help="patch.safetensors written by operate")
+    p.add_argument("--out", required=True, help="new directory for the repaired model (save_pretrained)")
+    p.add_argument("--force", action="store_true", help="apply even if the base model's weights hash differs")
+    p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("organism", help="pretrain a small ALiBi BLOOM until its low-slope heads collapse")
     p.add_argument("--out", required=True, help="directory for the trained model (save_pretrained layout)")

@@ -118,3 +118,26 @@ class ConsoleSink:
             self.progress.console.print(f"[dim]checkpoint step {event.step}{' (best)' if event.best else ''}: {event.path}[/]")
         elif isinstance(event, ev.RunFailed):
             self.progress.console.print(f"[bold red]run failed[/] at step {event.step}: {event.message}")
+
+
+def print_operation(report: dict, console: Console | None = None) -> None:
+    """Recovery table and before/after summary of a finished surgery job."""
+    console = console or Console()
+    rec = report["recovery"]
+    table = Table(title=f"Recovery: woken {rec['woken']} / functional {rec['functional']} / targets {rec['targets']}")
+    for name in ("head", "BOS before", "BOS after", "contribution", "ablation Δloss", "woken", "functional"):
+        table.add_column(name, justify="right")
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, e in rec["per_head"].items():
+        table.add_row(name, fmt(e.get("bos_mass_before")), fmt(e["bos_mass"]), fmt(e["contribution"]),
+                      "—" if e["ablation_delta"] is None else f"{e['ablation_delta']:+.4f}",
+                      Text("yes", style="green") if e["woken"] else Text("no", style="red"),
+                      Text("yes", style="green") if e["functional"] else Text("no", style="red"))
+    ppl, d = report["ppl"], report["drift"]
+    text = Text()
+    text.append(f"held-out ppl {ppl['heldout_before']:.3f} -> {ppl['heldout_after']:.3f}; "
+                f"prompt ppl {ppl['prompts_before']:.3f} -> {ppl['prompts_after']:.3f}\n")
+    text.append(f"drift (|Δ BOS| > {d['threshold']}): {d['drifted']} of {d['untouched_heads']} untouched heads "
+                f"({len(d['outside_target_columns'])} outside target columns, {len(d['frozen_in_target_columns'])} frozen); "
+                f"iatrogenic: {len(report['iatrogenic'])}")
+    console.print(Group(table, text))

@@ -124,3 +124,31 @@ def weights_hash(directory: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)
     return "sha256:" + digest.hexdigest()
+
+
+def model_identity(loaded: LoadedModel) -> dict:
+    """What a patch or session records about its base model, to refuse a mismatched one later."""
+    a = loaded.adapter
+    ident = {"ref": loaded.ref, "source": loaded.source, "revision": loaded.revision,
+             "n_layer": a.n_layer, "n_head": a.n_head, "hidden_size": a.hidden_size}
+    if loaded.source == "local":
+        ident["weights_hash"] = weights_hash(loaded.ref)
+    else:
+        ident["commit"] = getattr(loaded.model.config, "_commit_hash", None)
+    return ident
+
+
+def check_identity(recorded: dict, loaded: LoadedModel, what: str) -> None:
+    """Raise if `loaded` is not the model `recorded` names (shape always; weights hash for local models)."""
+    a = loaded.adapter
+    shape = (recorded.get("n_layer"), recorded.get("n_head"), recorded.get("hidden_size"))
+    if shape != (a.n_layer, a.n_head, a.hidden_size):
+        raise ModelLoadError(
+            f"{what} was made for a {shape[0]}-layer x {shape[1]}-head model ({recorded.get('ref')}), not "
+            f"{loaded.name} ({a.n_layer} x {a.n_head}): pass --model {recorded.get('ref')}"
+        )
+    if recorded.get("weights_hash") and loaded.source == "local" and weights_hash(loaded.ref) != recorded["weights_hash"]:
+        raise ModelLoadError(
+            f"{what} was made for other weights than {loaded.ref} (content hash differs): pass the base model it "
+            f"was made from ({recorded.get('ref')})"
+        )

@@ -1,0 +1,214 @@
+"""Measurements that say whether a repair worked: perplexity, ablation, recovery, drift, iatrogenic heads,
+MLP dormancy and sampled completions. Pure functions over a model and data; no training here."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .arch import BloomAdapter, base_model
+from .diagnosis import right_padded_batches
+from .loss import causal_lm_loss
+from .report import HEALTHY, HeadReport, Thresholds
+
+Head = tuple[int, int]
+
+
+@dataclass
+class EvalSettings:
+    """How a repair is judged (defaults follow the paper where it says)."""
+
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    contribution_floor: float = 0.02  # share of the layer's attention output norm
+    ablation_min_delta: float = 1e-4  # nats: ablating a functional head must raise loss by more than this
+    ablation_blocks: int = 4
+    drift_threshold: float = 0.05  # |delta BOS mass| of an untouched head that counts as drift
+    dormancy_threshold: float = 1e-3  # an MLP unit whose max |activation| stays below this is dormant
+    completion_prompts: int = 3
+    max_new_tokens: int = 100
+    temperature: float = 0.7
+    top_p: float = 0.92
+    batch_size: int = 8
+
+
+def key(head: Head) -> str:
+    return f"{head[0]}.{head[1]}"
+
+
+@torch.no_grad()
+def mean_loss(model, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None) -> float:
+    """Token-weighted mean next-token loss over `blocks` ([N, L] token ids)."""
+    device = next(model.parameters()).device
+    body = base_model(model)
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        n = int(mask[:, 1:].sum()) if mask is not None else ids[:, 1:].numel()
+        total += float(causal_lm_loss(model.lm_head, hidden, ids, mask)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 80.0))
+
+
+def prompt_loss(model, token_ids: list[list[int]], pad_id: int, batch_size: int = 8) -> float:
+    """Mean loss over a prompt set (right-padded, pads masked out)."""
+    total, count = 0.0, 0
+    for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
+        n = int(mask[:, 1:].sum())
+        total += mean_loss(model, ids, len(ids), mask) * n
+        count += n
+    return total / max(count, 1)
+
+
+@contextmanager
+def heads_ablated(model, adapter: BloomAdapter, heads: list[Head]):
+    """Zero the context vectors of `heads` before their layer's `dense` (the head contributes nothing)."""
+    handles = []
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    for layer, hs in by_layer.items():
+        cols = torch.cat([torch.arange(adapter.dense_cols(h).start, adapter.dense_cols(h).stop) for h in hs])
+
+        def pre_hook(module, args, cols=cols):
+            return (args[0].index_fill(-1, cols.to(args[0].device), 0.0),) + tuple(args[1:])
+
+        handles.append(adapter.dense(model, layer).register_forward_pre_hook(pre_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ablation_deltas(model, adapter: BloomAdapter, heads: list[Head], blocks: torch.Tensor, batch_size: int = 8,
+                    base_loss: float | None = None) -> dict[str, float]:
+    """Per head: loss with that head's output zeroed minus the intact loss (> 0: the head helps)."""
+    if base_loss is None:
+        base_loss = mean_loss(model, blocks, batch_size)
+    out = {}
+    for head in heads:
+        with heads_ablated(model, adapter, [head]):
+            out[key(head)] = mean_loss(model, blocks, batch_size) - base_loss
+    return out
+
+
+def recovery(after: HeadReport, targets: list[Head], deltas: dict[str, float], settings: EvalSettings,
+             before: HeadReport | None = None) -> dict:
+    """Woken (BOS mass back at or under the sink threshold) and functional (contribution above the floor
+    AND ablating it raises loss), counted separately: a freshly re-initialised head is awake, not repaired."""
+    per_head = {}
+    for l, h in targets:
+        bos, contrib = float(after.bos_mass[l, h]), float(after.contribution[l, h])
+        delta = float(deltas.get(key((l, h)), float("nan")))
+        woken = bos <= settings.thresholds.sink
+        functional = contrib > settings.contribution_floor and delta > settings.ablation_min_delta
+        entry = {"bos_mass": bos, "entropy": float(after.entropy[l, h]), "local_mass": float(after.local_mass[l, h]),
+                 "contribution": contrib, "ablation_delta": delta, "woken": woken, "functional": bool(functional)}
+        if before is not None:
+            entry["bos_mass_before"] = float(before.bos_mass[l, h])
+            entry["contribution_before"] = float(before.contribution[l, h])
+        per_head[key((l, h))] = entry
+    return {
+        "targets": len(targets),
+        "woken": sum(e["woken"] for e in per_head.values()),
+        "functional": sum(e["functional"] for e in per_head.values()),
+        "per_head": per_head,
+    }
+
+
+def drift(before: HeadReport, after: HeadReport, targets: list[Head], frozen: list[Head], threshold: float) -> dict:
+    """Untouched heads whose BOS mass moved by more than `threshold`, split into heads outside the targeted
+    columns and the listed frozen heads inside them, plus counts per head-index column."""
+    target_set, frozen_set = set(targets), set(frozen)
+    target_cols = {h for _, h in targets}
+    delta = after.bos_mass - before.bos_mass
+    outside, frozen_drift, other = [], [], []
+    per_column = [0] * before.n_head
+    for l in range(before.n_layer):
+        for h in range(before.n_head):
+            if (l, h) in target_set or abs(delta[l, h]) <= threshold:
+                continue
+            per_column[h] += 1
+            item = {"head": key((l, h)), "delta_bos_mass": float(delta[l, h])}
+            if (l, h) in frozen_set:
+                frozen_drift.append(item)
+            elif h not in target_cols:
+                outside.append(item)
+            else:
+                other.append(item)
+    untouched = before.n_layer * before.n_head - len(target_set)
+    mask = np.ones(delta.shape, dtype=bool)
+    for l, h in target_set:
+        mask[l, h] = False
+    return {
+        "threshold": threshold,
+        "untouched_heads": untouched,
+        "drifted": len(outside) + len(frozen_drift) + len(other),
+        "outside_target_columns": outside,
+        "frozen_in_target_columns": frozen_drift,
+        "other_in_target_columns": other,
+        "per_column": per_column,
+        "max_abs_delta": float(np.abs(delta[mask]).max()) if mask.any() else 0.0,
+    }
+
+
+def iatrogenic(before: HeadReport, after: HeadReport, targets: list[Head]) -> list[str]:
+    """Heads that were healthy before and are sick after, outside the targets."""
+    b, a = before.classes, after.classes
+    target_set = set(targets)
+    return [key((l, h)) for l in range(before.n_layer) for h in range(before.n_head)
+            if (l, h) not in target_set and b[l, h] == HEALTHY and a[l, h] != HEALTHY]
+
+
+@torch.no_grad()
+def mlp_dormancy(model, adapter: BloomAdapter, token_ids: list[list[int]], pad_id: int, threshold: float,
+                 batch_size: int = 8) -> list[float]:
+    """Per layer: share of MLP hidden units whose |GeLU output| never exceeds `threshold` on the prompts."""
+    device = next(model.parameters()).device
+    blocks = adapter.blocks(model)
+    peaks: list[torch.Tensor | None] = [None] * len(blocks)
+    current_mask: list[torch.Tensor] = []
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(module, args, i=i):
+            act = args[0].float().abs() * current_mask[0][..., None]
+            peak = act.amax(dim=(0, 1)).cpu()
+            peaks[i] = peak if peaks[i] is None else torch.maximum(peaks[i], peak)
+
+        handles.append(block.mlp.dense_4h_to_h.register_forward_pre_hook(hook))
+    try:
+        for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
+            current_mask[:] = [mask.to(device, torch.float32)]
+            base_model(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float((p <= threshold).float().mean()) if p is not None else 0.0 for p in peaks]
+
+
+@torch.no_grad()
+def completions(model, tokenizer, prompts: list[str], settings: EvalSettings, seed: int = 0) -> list[dict]:
+    """Seeded samples (temperature, top-p, max new tokens from `settings`) for the first prompts."""
+    device = next(model.parameters()).device
+    out = []
+    for i, prompt in enumerate(prompts[: settings.completion_prompts]):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :64].to(device)
+        torch.manual_seed(seed + i)
+        generated = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=settings.temperature,
+            top_p=settings.top_p, top_k=0, max_new_tokens=settings.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+        out.append({"prompt": tokenizer.decode(ids[0], skip_special_tokens=True), "completion": text})
+    return out

@@ -1,0 +1,237 @@
+"""Surgery on attention heads: re-initialise their Q/K/V rows, zero their output columns, and train
+small parameters that hold only those rows and columns while every base tensor stays frozen.
+
+`HeadSlices` installs forward hooks on each targeted layer's `query_key_value` and `dense`:
+  qkv:   y = base(x); y[..., target rows] = x @ W_sel^T + b_sel
+  dense: the base tensor's target columns are zero, so y = base(ctx) + ctx[..., target cols] @ W_cols^T
+`export()` writes the slices back into the fused tensors. The updates equal the paper's method (whole
+tensors trainable, gradients masked outside the targets, weight decay 0); tests check it step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import BloomAdapter
+from .errors import InputError
+from .spec import format_heads, parse_heads
+
+INIT_SCHEMES = ("xavier_uniform", "xavier_normal")
+Head = tuple[int, int]
+
+
+@dataclass
+class SurgeryPlan:
+    """Which heads to operate on, which to keep frozen (recorded, never trained), and how to re-initialise."""
+
+    targets: list[Head]
+    frozen: list[Head] = field(default_factory=list)
+    init: str = "xavier_uniform"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.targets = sorted({(int(l), int(h)) for l, h in self.targets})
+        self.frozen = sorted({(int(l), int(h)) for l, h in self.frozen})
+        if not self.targets:
+            raise InputError("the surgery plan has no target heads: mark heads or pass --targets SPEC")
+        if self.init not in INIT_SCHEMES:
+            raise InputError(f"unknown init scheme {self.init!r}: use one of {', '.join(INIT_SCHEMES)}")
+        both = set(self.targets) & set(self.frozen)
+        if both:
+            raise InputError(f"heads {format_heads(both)} are both targets and frozen: choose one for each")
+
+    @classmethod
+    def from_specs(cls, targets: str, frozen: str | None, adapter: BloomAdapter, *, sick: list[Head] | None = None,
+                   init: str = "xavier_uniform", seed: int = 0) -> "SurgeryPlan":
+        """A plan from head-spec strings (`3.9-15,5-22.9-15`, `sick`, ...)."""
+        parse = lambda s: parse_heads(s, adapter.n_layer, adapter.n_head, sick)  # noqa: E731
+        return cls(parse(targets), parse(frozen) if frozen else [], init, seed)
+
+    def check_fits(self, adapter: BloomAdapter) -> None:
+        for l, h in self.targets + self.frozen:
+            if not (0 <= l < adapter.n_layer and 0 <= h < adapter.n_head):
+                raise InputError(f"head {l}.{h} is outside this model ({adapter.n_layer} layers x {adapter.n_head} heads)")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({l for l, _ in self.targets})
+
+    def heads_in(self, layer: int) -> list[int]:
+        return [h for l, h in self.targets if l == layer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"targets": format_heads(self.targets), "frozen": format_heads(self.frozen), "init": self.init,
+                "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], adapter: BloomAdapter) -> "SurgeryPlan":
+        try:
+            return cls.from_specs(data["targets"], data.get("frozen") or None, adapter,
+                                  init=data.get("init", "xavier_uniform"), seed=int(data.get("seed", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"malformed surgery plan {data!r}: {exc}") from exc
+
+
+def init_head_weights(plan: SurgeryPlan, adapter: BloomAdapter, dtype=torch.float32) -> dict[Head, torch.Tensor]:
+    """Fresh Q/K/V rows per target ([3d, hidden]), from the plan's seed, independent of device.
+
+    Each of q, k and v is initialised as its own `hidden -> head_dim` projection would be."""
+    gen = torch.Generator().manual_seed(plan.seed)
+    d, hidden = adapter.head_dim, adapter.hidden_size
+    out = {}
+    for head in plan.targets:
+        w = torch.empty(3, d, hidden, dtype=torch.float32)
+        std = math.sqrt(2.0 / (hidden + d))
+        for i in range(3):
+            if plan.init == "xavier_uniform":
+                w[i].uniform_(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, generator=gen)
+            else:
+                w[i].normal_(0.0, std, generator=gen)
+        out[head] = w.view(3 * d, hidden).to(dtype)
+    return out
+
+
+class LayerSlices(nn.Module):
+    """Trainable rows of one layer's `query_key_value` and columns of its `dense`, for some heads."""
+
+    def __init__(self, heads: list[int], qkv: nn.Linear, dense: nn.Linear, adapter: BloomAdapter, dtype):
+        super().__init__()
+        self.heads = list(heads)
+        rows = torch.cat([torch.arange(adapter.qkv_rows(h).start, adapter.qkv_rows(h).stop) for h in heads])
+        cols = torch.cat([torch.arange(adapter.dense_cols(h).start, adapter.dense_cols(h).stop) for h in heads])
+        device = qkv.weight.device
+        self.register_buffer("rows", rows.to(device), persistent=False)
+        self.register_buffer("cols", cols.to(device), persistent=False)
+        self.qkv_weight = nn.Parameter(qkv.weight.detach()[rows.to(device)].to(dtype).clone())
+        self.qkv_bias = nn.Parameter(qkv.bias.detach()[rows.to(device)].to(dtype).clone())
+        self.dense_weight = nn.Parameter(dense.weight.detach()[:, cols.to(device)].to(dtype).clone())
+        with torch.no_grad():  # the hook adds these heads' output; the base tensor must not add it again
+            dense.weight[:, self.cols] = 0.0
+
+    def qkv_hook(self, module, args, output):
+        x = args[0]
+        sel = F.linear(x, self.qkv_weight.to(x.dtype), self.qkv_bias.to(x.dtype))
+        return output.index_copy(-1, self.rows, sel.to(output.dtype))
+
+    def dense_hook(self, module, args, output):
+        ctx = args[0]
+        return output + F.linear(ctx.index_select(-1, self.cols), self.dense_weight.to(ctx.dtype)).to(output.dtype)
+
+
+class HeadSlices(nn.Module):
+    """The trainable state of a surgery: one `LayerSlices` per targeted layer, hooked into the model.
+
+    Creating it moves the targets' `dense` columns out of the base tensor (zeroed there), so the hooked
+    model computes the same function; after `detach()` call `export()` to put them back."""
+
+    def __init__(self, model: nn.Module, adapter: BloomAdapter, plan: SurgeryPlan, dtype=torch.float32):
+        super().__init__()
+        plan.check_fits(adapter)
+        self.adapter, self.plan = adapter, plan
+        self._model = [model]  # not a submodule: its parameters are not ours
+        self.layers = nn.ModuleDict({
+            str(l): LayerSlices(plan.heads_in(l), adapter.qkv(model, l), adapter.dense(model, l), adapter, dtype)
+            for l in plan.layers
+        })
+        self._handles: list = []
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+    def attach(self) -> "HeadSlices":
+        if self._handles:
+            return self
+        for name, sl in self.layers.items():
+            layer = int(name)
+            self._handles.append(self.adapter.qkv(self.model, layer).register_forward_hook(sl.qkv_hook))
+            self._handles.append(self.adapter.dense(self.model, layer).register_forward_hook(sl.dense_hook))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "HeadSlices":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @torch.no_grad()
+    def export(self) -> None:
+        """Detach the hooks and write the slices into the model's fused tensors (model = base + patch)."""
+        self.detach()
+        for name, sl in self.layers.items():
+            qkv, dense = self.adapter.qkv(self.model, int(name)), self.adapter.dense(self.model, int(name))
+            qkv.weight.index_copy_(0, sl.rows, sl.qkv_weight.to(qkv.weight.dtype))
+            qkv.bias.index_copy_(0, sl.rows, sl.qkv_bias.to(qkv.bias.dtype))
+            dense.weight.index_copy_(1, sl.cols, sl.dense_weight.to(dense.weight.dtype))
+
+    @contextmanager
+    def exported(self):
+        """Within the block the fused tensors hold the slices and no hook runs, so evaluation sees exactly
+        the model a patch gives; afterwards the columns move back into the trainable slices."""
+        self.export()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, sl in self.layers.items():
+                    self.adapter.dense(self.model, int(name)).weight[:, sl.cols] = 0.0
+            self.attach()
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """Per-head tensors for a patch: `layer.L.head.H.{qkv_weight,qkv_bias,dense_weight}`."""
+        d3, d = 3 * self.adapter.head_dim, self.adapter.head_dim
+        out = {}
+        for name, sl in self.layers.items():
+            for i, h in enumerate(sl.heads):
+                prefix = f"layer.{name}.head.{h}."
+                out[prefix + "qkv_weight"] = sl.qkv_weight.detach()[i * d3 : (i + 1) * d3].cpu().contiguous()
+                out[prefix + "qkv_bias"] = sl.qkv_bias.detach()[i * d3 : (i + 1) * d3].cpu().contiguous()
+                out[prefix + "dense_weight"] = sl.dense_weight.detach()[:, i * d : (i + 1) * d].cpu().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_head_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `head_tensors` (resuming from a checkpoint)."""
+        d3, d = 3 * self.adapter.head_dim, self.adapter.head_dim
+        for name, sl in self.layers.items():
+            for i, h in enumerate(sl.heads):
+                prefix = f"layer.{name}.head.{h}."
+                try:
+                    sl.qkv_weight[i * d3 : (i + 1) * d3] = tensors[prefix + "qkv_weight"]
+                    sl.qkv_bias[i * d3 : (i + 1) * d3] = tensors[prefix + "qkv_bias"]
+                    sl.dense_weight[:, i * d : (i + 1) * d] = tensors[prefix + "dense_weight"]
+                except KeyError as exc:
+                    raise InputError(f"checkpoint has no tensor {exc}: it belongs to another plan") from exc
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def operate(model: nn.Module, adapter: BloomAdapter, plan: SurgeryPlan, dtype=torch.float32) -> HeadSlices:
+    """Perform the surgery: freeze the model, re-initialise each target's Q/K/V rows (bias rows zero),
+    zero its `dense` columns, and return the attached trainable slices."""
+    plan.check_fits(adapter)
+    freeze(model)
+    fresh = init_head_weights(plan, adapter)
+    for (layer, head), w in fresh.items():
+        qkv, dense = adapter.qkv(model, layer), adapter.dense(model, layer)
+        rows, cols = adapter.qkv_rows(head), adapter.dense_cols(head)
+        qkv.weight[rows] = w.to(qkv.weight)
+        qkv.bias[rows] = 0.0
+        dense.weight[:, cols] = 0.0
+    return HeadSlices(model, adapter, plan, dtype).attach()

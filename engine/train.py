@@ -1,0 +1,340 @@
+"""The surgery training loop: trainable head slices only, AdamW, warm-up + cosine, accumulation, clipping,
+gradient checkpointing, periodic evaluation, checkpoints, cancellation. Reports only through a sink."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .arch import base_model
+from .corpus import PackedCorpus
+from .diagnosis import run_statistics
+from .errors import HeadSurgeonError, InputError
+from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
+from .loss import causal_lm_loss
+from .events import Checkpoint, EvalMetrics, HeadRecovery, NullSink, PhaseChanged, RunFailed, Sink, StepMetrics
+from .patch import save_patch
+from .report import HeadReport
+from .surgery import HeadSlices, SurgeryPlan, operate
+
+STATE_FILE = "state.safetensors"
+
+
+class TrainingDiverged(HeadSurgeonError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Surgery training recipe (defaults: the paper's)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_frac: float = 0.05
+    micro_batch: int = 1
+    grad_accum: int = 8
+    clip: float = 1.0
+    seq_len: int = 512
+    steps: int | None = None  # optimizer steps; when None, `epochs` over the training blocks
+    epochs: int | None = None
+    eval_every: int = 50
+    eval_blocks: int = 16
+    gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise InputError("give --steps or --epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.epochs = 1
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
+            raise InputError("--steps and --epochs must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be a positive number (got {self.lr})")
+        if min(self.micro_batch, self.grad_accum, self.eval_every, self.eval_blocks) < 1:
+            raise InputError("micro batch, accumulation, eval interval and eval blocks must be at least 1")
+        if self.seq_len < 2:
+            raise InputError(f"--seq-len must be at least 2 (got {self.seq_len})")
+
+    @property
+    def blocks_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def steps_per_epoch(self, n_blocks: int) -> int:
+        return max(1, n_blocks // self.blocks_per_step)
+
+    def total_steps(self, n_blocks: int) -> int:
+        return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(n_blocks)
+
+
+@dataclass
+class PassResult:
+    """One pass of surgery: its evaluation history, best checkpoint and how it ended."""
+
+    plan: SurgeryPlan
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = -1
+    best_heldout_ppl: float = float("inf")
+    best_path: str | None = None
+    steps_done: int = 0
+    cancelled: bool = False
+    tokens_per_s: float = 0.0
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "history": self.history, "best_step": self.best_step,
+                "best_heldout_ppl": self.best_heldout_ppl if math.isfinite(self.best_heldout_ppl) else None,
+                "best_checkpoint": self.best_path, "steps_done": self.steps_done, "cancelled": self.cancelled,
+                "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds}
+
+
+def block_order(n_blocks: int, epoch: int, seed: int) -> torch.Tensor:
+    """The deterministic order of training blocks in an epoch."""
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def step_blocks(config: TrainConfig, n_blocks: int, step: int) -> torch.Tensor:
+    """Indices of the blocks optimizer step `step` trains on (a pure function: resumable)."""
+    per_epoch = config.steps_per_epoch(n_blocks)
+    epoch, within = divmod(step, per_epoch)
+    start = within * config.blocks_per_step
+    return block_order(n_blocks, epoch, config.seed)[start : start + config.blocks_per_step]
+
+
+class SurgeryRun:
+    """One pass: operate on the plan's heads, train the slices, evaluate, checkpoint."""
+
+    def __init__(self, loaded, plan: SurgeryPlan, corpus: PackedCorpus, config: TrainConfig, *,
+                 prompt_ids: list[list[int]], out_dir: str | Path, meta: dict[str, Any],
+                 eval_settings: EvalSettings | None = None, sink: Sink | None = None,
+                 cancelled: Callable[[], bool] = lambda: False, pass_name: str = "pass-1"):
+        self.loaded, self.plan, self.corpus, self.config = loaded, plan, corpus, config
+        self.prompt_ids, self.meta = prompt_ids, meta
+        self.settings = eval_settings or EvalSettings()
+        self.sink, self.cancelled = sink or NullSink(), cancelled
+        self.pass_name = pass_name
+        self.dir = Path(out_dir) / "checkpoints" / pass_name
+        self.model, self.adapter = loaded.model, loaded.adapter
+        self.device = next(self.model.parameters()).device
+        tok = loaded.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.eval_blocks = corpus.heldout[: config.eval_blocks]
+        self.ablation_blocks = corpus.heldout[: self.settings.ablation_blocks]
+        self.result = PassResult(plan)
+        self.slices: HeadSlices | None = None
+        self.optimizer = None
+        self.scheduler = None
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        c = self.config
+        self.total = c.total_steps(len(self.corpus.train))
+        self.slices = operate(self.model, self.adapter, self.plan)
+        self.optimizer = torch.optim.AdamW(self.slices.parameters(), lr=c.lr, betas=(c.beta1, c.beta2),
+                                           weight_decay=c.weight_decay)
+        warmup = int(round(c.warmup_frac * self.total))
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total)
+        if c.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # transformers forces input gradients on; with frozen embeddings and non-reentrant checkpointing
+            # nothing below the lowest target layer needs them, so backward stops there.
+            self.model.disable_input_require_grads()
+
+    def _teardown(self) -> None:
+        if self.config.gradient_checkpointing:
+            disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
+            disable()
+        self.model.eval()
+
+    # --- one optimizer step --------------------------------------------------------------------------
+    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = base_model(self.model)(input_ids=ids, use_cache=False).last_hidden_state
+        return causal_lm_loss(self.model.lm_head, hidden, ids, chunk_tokens=self.config.loss_chunk_tokens)
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        c = self.config
+        self.model.train()
+        idx = step_blocks(c, len(self.corpus.train), step)
+        total = 0.0
+        for start in range(0, len(idx), c.micro_batch):
+            ids = self.corpus.train[idx[start : start + c.micro_batch]].to(self.device)
+            loss = self._loss(ids)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                return value, float("nan")
+            (loss / c.grad_accum).backward()
+            total += value
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.slices.parameters(), c.clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / c.grad_accum, grad_norm
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, step: int, train_loss: float) -> dict[str, Any]:
+        """Held-out PPL, every head's statistics on the prompts, and the targets' recovery."""
+        self.model.eval()
+        with self.slices.exported():
+            heldout = mean_loss(self.model, self.eval_blocks, self.settings.batch_size)
+            stats, _ = run_statistics(self.model, self.adapter, self.prompt_ids, batch_size=self.settings.batch_size,
+                                      pad_id=self.pad_id)
+            ablation_base = mean_loss(self.model, self.ablation_blocks, self.settings.batch_size)
+            deltas = ablation_deltas(self.model, self.adapter, self.plan.targets, self.ablation_blocks,
+                                     self.settings.batch_size, ablation_base)
+        a = self.adapter
+        report = HeadReport(model=self.loaded.ref, n_layer=a.n_layer, n_head=a.n_head, slopes=a.slopes,
+                            thresholds=self.settings.thresholds, **stats)
+        rec = recovery(report, self.plan.targets, deltas, self.settings)
+        targets = {k: {s: v[s] for s in ("bos_mass", "entropy", "local_mass", "contribution", "ablation_delta")}
+                   for k, v in rec["per_head"].items()}
+        point = {"step": step, "train_loss": train_loss, "train_ppl": perplexity(train_loss),
+                 "heldout_loss": heldout, "heldout_ppl": perplexity(heldout), "targets": targets,
+                 "woken": rec["woken"], "functional": rec["functional"],
+                 "bos_mass": report.bos_mass.round(5).tolist(), "contribution": report.contribution.round(5).tolist()}
+        self.result.history.append(point)
+        self.sink.emit(EvalMetrics(step, train_loss, point["train_ppl"], point["heldout_ppl"], targets,
+                                   point["bos_mass"], point["contribution"]))
+        self.sink.emit(HeadRecovery(step, rec["woken"], rec["functional"], rec["targets"], rec["per_head"]))
+        return point
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _patch_meta(self, step: int, heldout_ppl: float) -> dict[str, Any]:
+        return {**self.meta, "plan": self.plan.to_dict(), "pass": self.pass_name, "step": step,
+                "heldout_ppl": heldout_ppl, "train": asdict(self.config)}
+
+    def _save_state(self, step: int) -> None:
+        """Slices + optimizer + scheduler at `step`, for `resume`."""
+        from safetensors.torch import save_file
+
+        tensors = dict(self.slices.head_tensors())
+        names = {id(p): n for n, p in self.slices.named_parameters()}
+        opt_meta = {}
+        for p, st in self.optimizer.state.items():
+            n = names[id(p)]
+            tensors[f"opt.{n}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
+            tensors[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+            opt_meta[n] = float(st["step"])
+        meta = {"step": step, "opt_steps": opt_meta, "scheduler": self.scheduler.state_dict(),
+                "best_step": self.result.best_step, "best_heldout_ppl": self.result.best_heldout_ppl,
+                "best_path": self.result.best_path, "plan": self.plan.to_dict(), "history": self.result.history}
+        tmp = self.dir / f".{STATE_FILE}.tmp"
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        tmp.replace(self.dir / STATE_FILE)
+
+    def _load_state(self, path: Path) -> int:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["state"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        if meta["plan"] != self.plan.to_dict():
+            raise InputError(f"resume state {path} belongs to another plan ({meta['plan']['targets']})")
+        self.slices.load_head_tensors(tensors)
+        for n, p in self.slices.named_parameters():
+            if f"opt.{n}.exp_avg" in tensors:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(meta["opt_steps"][n]),
+                    "exp_avg": tensors[f"opt.{n}.exp_avg"].to(p),
+                    "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"].to(p),
+                }
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
+        self.result.best_step, self.result.best_heldout_ppl = meta["best_step"], meta["best_heldout_ppl"]
+        self.result.best_path = meta["best_path"]
+        self.result.history = meta.get("history", [])
+        return int(meta["step"])
+
+    def _checkpoint(self, step: int, point: dict[str, Any], epoch_end: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ppl = point["heldout_ppl"]
+        is_best = step > 0 and ppl < self.result.best_heldout_ppl
+        tensors = self.slices.head_tensors()
+        if is_best:
+            path = self.dir / "best.safetensors"
+            save_patch(path, tensors, self._patch_meta(step, ppl))
+            self.result.best_step, self.result.best_heldout_ppl, self.result.best_path = step, ppl, str(path)
+            self.sink.emit(Checkpoint(step, str(path), ppl, True))
+        if epoch_end:
+            path = self.dir / f"step-{step}.safetensors"
+            save_patch(path, tensors, self._patch_meta(step, ppl))
+            self.sink.emit(Checkpoint(step, str(path), ppl, False))
+        if step > 0:
+            self._save_state(step)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self, resume_state: str | Path | None = None) -> PassResult:
+        c = self.config
+        self._setup()
+        try:
+            start = self._load_state(Path(resume_state)) if resume_state else 0
+            per_epoch = c.steps_per_epoch(len(self.corpus.train))
+            self.sink.emit(PhaseChanged(self.pass_name, f"{len(self.plan.targets)} target heads, {self.total} steps, "
+                                        f"{sum(p.numel() for p in self.slices.parameters()):,} trainable values"))
+            if start == 0:
+                with torch.no_grad():
+                    ids = self.corpus.train[step_blocks(c, len(self.corpus.train), 0)].to(self.device)
+                    self.model.eval()
+                    loss0 = float(self._loss(ids))
+                self._checkpoint(0, self.evaluate(0, loss0), epoch_end=False)
+            t0, tokens, window = time.perf_counter(), 0, []
+            step = start
+            while step < self.total:
+                if self.cancelled():
+                    self.result.cancelled = True
+                    break
+                loss, grad_norm = self._train_step(step)
+                step += 1
+                if not math.isfinite(loss):
+                    return self._diverged(step, loss)
+                tokens += c.blocks_per_step * c.seq_len
+                window.append(loss)
+                elapsed = time.perf_counter() - t0
+                self.sink.emit(StepMetrics(step, self.total, loss, self.scheduler.get_last_lr()[0], grad_norm,
+                                           tokens / max(elapsed, 1e-9), elapsed, epoch=(step - 1) // per_epoch))
+                epoch_end = step % per_epoch == 0 or step == self.total
+                if step % c.eval_every == 0 or epoch_end:
+                    point = self.evaluate(step, sum(window) / len(window))
+                    window = []
+                    self._checkpoint(step, point, epoch_end)
+            self.result.steps_done = step
+            self.result.train_seconds = round(time.perf_counter() - t0, 2)
+            self.result.tokens_per_s = tokens / max(self.result.train_seconds, 1e-9)
+            if self.result.best_path is None and step > 0:  # cancelled before the first evaluation
+                point = self.evaluate(step, sum(window) / len(window) if window else float("nan"))
+                self._checkpoint(step, point, epoch_end=True)
+            return self.result
+        finally:
+            self._teardown()
+
+    def _diverged(self, step: int, loss: float):
+        last = self.result.best_path
+        message = (f"loss became {loss} at step {step} of {self.pass_name}: lower --lr or check the corpus; "
+                   f"last good checkpoint: {last or 'none'}")
+        self.sink.emit(RunFailed(step, message, last))
+        raise TrainingDiverged(message)
+
+    def finish(self) -> HeadSlices:
+        """Load the best checkpoint's slices and write them into the model (the model is then base + best)."""
+        from .patch import load_patch
+
+        if self.result.best_path:
+            tensors, _ = load_patch(self.result.best_path)
+            self.slices.load_head_tensors(tensors)
+        self.slices.export()
+        return self.slices
