@@ -196,6 +196,27 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from .atomic import atomic_write_text
+    from .bench import print_bench, run_bench
+
+    console = Console()
+    shape = "tiny" if args.tiny else args.shape
+    batch, seq_len = (2, 64) if args.tiny else (args.batch, args.seq_len)
+    with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
+        result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
+                           warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6)
+    print_bench(result, console)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
+        console.print(f"results written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="head-surgeon",
@@ -233,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new directory for the repaired model (save_pretrained)")
     p.add_argument("--force", action="store_true", help="apply even if the base model's weights hash differs")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("bench", help="paper-style surgery loop vs ours on random weights in real BLOOM shapes")
+    p.add_argument("--shape", choices=("bloom-560m", "bloom-1b7", "bloom-3b", "bloom-7b1"), default="bloom-1b7")
+    p.add_argument("--tiny", action="store_true", help="a tiny shape that runs in seconds on CPU (smoke test)")
+    p.add_argument("--device")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10, help="measured steps per case (after 2 warm-up steps)")
+    p.add_argument("--json", help="write the results to this file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("organism", help="pretrain a small ALiBi BLOOM until its low-slope heads collapse")
     p.add_argument("--out", required=True, help="directory for the trained model (save_pretrained layout)")

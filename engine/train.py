@@ -16,6 +16,7 @@ from .arch import base_model
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
 from .errors import HeadSurgeonError, InputError
+from .fastattn import sdpa_attention
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
 from .loss import causal_lm_loss
 from .events import Checkpoint, EvalMetrics, HeadRecovery, NullSink, PhaseChanged, RunFailed, Sink, StepMetrics
@@ -49,6 +50,7 @@ class TrainConfig:
     eval_blocks: int = 16
     gradient_checkpointing: bool = True
     loss_chunk_tokens: int = 1024
+    attention: str = "sdpa"  # "sdpa" (fused kernel, ALiBi as a bias) or "eager" (transformers' own)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class TrainConfig:
             raise InputError(f"--lr must be a positive number (got {self.lr})")
         if min(self.micro_batch, self.grad_accum, self.eval_every, self.eval_blocks) < 1:
             raise InputError("micro batch, accumulation, eval interval and eval blocks must be at least 1")
+        if self.attention not in ("sdpa", "eager"):
+            raise InputError(f"attention must be sdpa or eager (got {self.attention!r})")
         if self.seq_len < 2:
             raise InputError(f"--seq-len must be at least 2 (got {self.seq_len})")
 
@@ -95,6 +99,21 @@ class PassResult:
                 "best_heldout_ppl": self.best_heldout_ppl if math.isfinite(self.best_heldout_ppl) else None,
                 "best_checkpoint": self.best_path, "steps_done": self.steps_done, "cancelled": self.cancelled,
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds}
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing with input gradients off: transformers forces them on, but
+    with frozen embeddings nothing below the lowest trainable layer needs them, so backward stops there."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def disable_checkpointing(model) -> None:
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 def block_order(n_blocks: int, epoch: int, seed: int) -> torch.Tensor:
@@ -146,22 +165,17 @@ class SurgeryRun:
         warmup = int(round(c.warmup_frac * self.total))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total)
         if c.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            # transformers forces input gradients on; with frozen embeddings and non-reentrant checkpointing
-            # nothing below the lowest target layer needs them, so backward stops there.
-            self.model.disable_input_require_grads()
+            enable_checkpointing(self.model)
 
     def _teardown(self) -> None:
         if self.config.gradient_checkpointing:
-            disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
-            disable()
+            disable_checkpointing(self.model)
         self.model.eval()
 
     # --- one optimizer step --------------------------------------------------------------------------
+    def _fast(self):
+        return sdpa_attention(self.model, self.adapter, self.config.attention == "sdpa")
+
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = base_model(self.model)(input_ids=ids, use_cache=False).last_hidden_state
         return causal_lm_loss(self.model.lm_head, hidden, ids, chunk_tokens=self.config.loss_chunk_tokens)
@@ -171,14 +185,15 @@ class SurgeryRun:
         self.model.train()
         idx = step_blocks(c, len(self.corpus.train), step)
         total = 0.0
-        for start in range(0, len(idx), c.micro_batch):
-            ids = self.corpus.train[idx[start : start + c.micro_batch]].to(self.device)
-            loss = self._loss(ids)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                return value, float("nan")
-            (loss / c.grad_accum).backward()
-            total += value
+        with self._fast():  # around backward too: checkpointed layers recompute through the same path
+            for start in range(0, len(idx), c.micro_batch):
+                ids = self.corpus.train[idx[start : start + c.micro_batch]].to(self.device)
+                loss = self._loss(ids)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    return value, float("nan")
+                (loss / c.grad_accum).backward()
+                total += value
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.slices.parameters(), c.clip))
         self.optimizer.step()
         self.scheduler.step()
@@ -190,12 +205,13 @@ class SurgeryRun:
         """Held-out PPL, every head's statistics on the prompts, and the targets' recovery."""
         self.model.eval()
         with self.slices.exported():
-            heldout = mean_loss(self.model, self.eval_blocks, self.settings.batch_size)
             stats, _ = run_statistics(self.model, self.adapter, self.prompt_ids, batch_size=self.settings.batch_size,
-                                      pad_id=self.pad_id)
-            ablation_base = mean_loss(self.model, self.ablation_blocks, self.settings.batch_size)
-            deltas = ablation_deltas(self.model, self.adapter, self.plan.targets, self.ablation_blocks,
-                                     self.settings.batch_size, ablation_base)
+                                      pad_id=self.pad_id)  # eager: it needs the attention probabilities
+            with self._fast():
+                heldout = mean_loss(self.model, self.eval_blocks, self.settings.batch_size)
+                ablation_base = mean_loss(self.model, self.ablation_blocks, self.settings.batch_size)
+                deltas = ablation_deltas(self.model, self.adapter, self.plan.targets, self.ablation_blocks,
+                                         self.settings.batch_size, ablation_base)
         a = self.adapter
         report = HeadReport(model=self.loaded.ref, n_layer=a.n_layer, n_head=a.n_head, slopes=a.slopes,
                             thresholds=self.settings.thresholds, **stats)
@@ -287,7 +303,7 @@ class SurgeryRun:
             self.sink.emit(PhaseChanged(self.pass_name, f"{len(self.plan.targets)} target heads, {self.total} steps, "
                                         f"{sum(p.numel() for p in self.slices.parameters()):,} trainable values"))
             if start == 0:
-                with torch.no_grad():
+                with torch.no_grad(), self._fast():
                     ids = self.corpus.train[step_blocks(c, len(self.corpus.train), 0)].to(self.device)
                     self.model.eval()
                     loss0 = float(self._loss(ids))

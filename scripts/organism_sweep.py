@@ -23,6 +23,11 @@ VARIANTS = {
     "C": dict(layers=8, lr=1e-3, weight_decay=0.3),
     "B-noalibi": dict(layers=6, lr=1e-3, weight_decay=0.3, alibi=False),
     "C-noalibi": dict(layers=8, lr=1e-3, weight_decay=0.3, alibi=False),
+    # session 2: stronger decay, higher lr, and more (smaller) steps in the same time
+    "D": dict(layers=6, lr=1e-3, weight_decay=1.0),
+    "E": dict(layers=6, lr=2e-3, weight_decay=0.3),
+    "F": dict(layers=6, lr=1e-3, weight_decay=0.3, batch_size=16),
+    "G": dict(layers=8, lr=1e-3, weight_decay=1.0, batch_size=16),
 }
 
 

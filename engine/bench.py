@@ -1,0 +1,268 @@
+"""`head-surgeon bench`: the paper-style surgery loop and ours, side by side, on random weights in real
+BLOOM shapes (no download). Surgery step tokens/s and peak memory for targets in the lowest and the top
+layer; diagnosis tokens/s and peak memory, and how diagnosis memory scales with depth."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .arch import BloomAdapter, adapter_for
+from .diagnosis import run_statistics
+from .fastattn import sdpa_attention
+from .loss import causal_lm_loss
+from .surgery import SurgeryPlan, operate
+from .train import disable_checkpointing, enable_checkpointing
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    n_layer: int
+    n_head: int
+    vocab: int = 250880
+
+
+SHAPES = {
+    "bloom-560m": Shape(1024, 24, 16),
+    "bloom-1b7": Shape(2048, 24, 16),
+    "bloom-3b": Shape(2560, 30, 32),
+    "bloom-7b1": Shape(4096, 30, 32),
+    "tiny": Shape(64, 4, 4, 1000),
+}
+
+
+def build_random_model(shape: Shape, device: torch.device, dtype: torch.dtype):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, n_layer=shape.n_layer, n_head=shape.n_head,
+                         hidden_dropout=0.0, attention_dropout=0.0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = BloomForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def band_heads(n_head: int) -> list[int]:
+    """The low-slope band as in BLOOM-1b7 (H9-H15 of 16), scaled to the head count."""
+    return list(range(n_head * 9 // 16, n_head))
+
+
+class Meter:
+    """Wall time and peak memory of a block of steps (CUDA: allocator peak; CPU: not measured)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def measure(self, out: dict):
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        out["seconds"] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            out["peak_gib"] = round(peak / GiB, 3)
+            out["activation_peak_gib"] = round((peak - base) / GiB, 3)
+
+
+def _random_ids(vocab: int, batch: int, seq_len: int, device, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+
+
+def reference_step_fn(model, adapter, targets):
+    """The paper-style loop: whole fused tensors trainable, gradients masked outside the targets, HF loss over
+    full logits, transformers' own gradient checkpointing (input gradients forced on), eager attention."""
+    params, handles = [], []
+    for layer in sorted({l for l, _ in targets}):
+        qkv, dense = adapter.qkv(model, layer), adapter.dense(model, layer)
+        for tensor, index in ((qkv.weight, lambda h: (adapter.qkv_rows(h),)), (qkv.bias, lambda h: (adapter.qkv_rows(h),)),
+                              (dense.weight, lambda h: (slice(None), adapter.dense_cols(h)))):
+            mask = torch.zeros_like(tensor)
+            for l, h in targets:
+                if l == layer:
+                    mask[index(h)] = 1
+            tensor.requires_grad_(True)
+            handles.append(tensor.register_hook(lambda g, m=mask: g * m))
+            params.append(tensor)
+    model.gradient_checkpointing_enable()  # transformers' defaults, as a plain fine-tuning script has them
+    model.train()
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def cleanup():
+        model.eval()
+        disable_checkpointing(model)
+        for handle in handles:
+            handle.remove()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        opt.state.clear()
+
+    return step, cleanup
+
+
+def our_step_fn(model, adapter, targets, attention: str):
+    """Our path: slice parameters only, chunked cross-entropy, backward stopping at the lowest target layer,
+    SDPA attention (or eager, to separate the kernel's share)."""
+    slices = operate(model, adapter, SurgeryPlan(targets))
+    enable_checkpointing(model)
+    model.train()
+    opt = torch.optim.AdamW(slices.parameters(), lr=5e-5, weight_decay=0.0)
+    body = model.transformer
+
+    def step(ids):
+        with sdpa_attention(model, adapter, attention == "sdpa"):
+            hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+            causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=1024).backward()
+        torch.nn.utils.clip_grad_norm_(slices.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def cleanup():
+        model.eval()
+        disable_checkpointing(model)
+        slices.export()
+        opt.state.clear()
+
+    return step, cleanup
+
+
+def time_steps(make, device, ids, steps: int, warmup: int) -> dict:
+    step, cleanup = make()
+    meter = Meter(device)
+    out: dict = {}
+    try:
+        for _ in range(warmup):
+            step(ids)
+        with meter.measure(out):
+            for _ in range(steps):
+                step(ids)
+    finally:
+        cleanup()
+    out["tokens_per_s"] = round(ids.numel() * steps / out["seconds"], 1)
+    return out
+
+
+@torch.no_grad()
+def diagnosis_reference(model, ids_batches) -> None:
+    """What published sink studies do: output_attentions=True over the full model, logits included."""
+    for ids in ids_batches:
+        out = model(input_ids=ids, output_attentions=True, use_cache=False)
+        torch.stack([a[..., 0].float().mean(dim=(0, 2)) for a in out.attentions])
+
+
+def time_diagnosis(fn, device, ids_batches) -> dict:
+    out: dict = {}
+    fn(ids_batches[:1])  # warm-up
+    with Meter(device).measure(out):
+        fn(ids_batches)
+    out["tokens_per_s"] = round(sum(x.numel() for x in ids_batches) / out["seconds"], 1)
+    return out
+
+
+def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq_len: int = 512, steps: int = 10,
+              warmup: int = 2, diag_batches: int = 6) -> dict:
+    from .runtime import resolve_device
+
+    shape = SHAPES[shape_name]
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = build_random_model(shape, dev, dtype)
+    adapter = adapter_for(model)
+    heads = band_heads(shape.n_head)
+    ids = _random_ids(shape.vocab, batch, seq_len, dev, 0)
+    placements = {"low": 0, "high": shape.n_layer - 1}
+    surgery: dict = {"reference": {}, "ours": {}, "ours_eager": {}}
+    for where, layer in placements.items():
+        targets = [(layer, h) for h in heads]
+        surgery["reference"][where] = time_steps(lambda: reference_step_fn(model, adapter, targets), dev, ids, steps, warmup)
+        surgery["ours"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "sdpa"), dev, ids, steps, warmup)
+        surgery["ours_eager"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "eager"), dev, ids, steps,
+                                                  warmup)
+
+    batches = [_random_ids(shape.vocab, batch, seq_len, dev, 1 + i) for i in range(diag_batches)]
+
+    def ours_diag(bs, a=adapter):
+        run_statistics(model, a, [row.tolist() for b in bs for row in b.cpu()], batch_size=batch)
+
+    diagnosis = {"reference": time_diagnosis(lambda bs: diagnosis_reference(model, bs), dev, batches),
+                 "ours": time_diagnosis(ours_diag, dev, batches)}
+    # Depth scaling: the same diagnosis through the first half of the layers only.
+    full_layers, half = model.transformer.h, shape.n_layer // 2
+    model.transformer.h = full_layers[:half]
+    try:
+        half_adapter = BloomAdapter(half, adapter.n_head, adapter.hidden_size)
+        diagnosis["ours_half_depth"] = time_diagnosis(lambda bs: ours_diag(bs, half_adapter), dev, batches)
+    finally:
+        model.transformer.h = full_layers
+
+    def ratio(a, b, key):
+        return round(a[key] / b[key], 2) if a.get(key) and b.get(key) else None
+
+    result = {
+        "shape": shape_name, "config": shape.__dict__, "batch": batch, "seq_len": seq_len, "steps": steps,
+        "target_heads": heads, "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "surgery": surgery,
+        "speedup": {w: ratio(surgery["ours"][w], surgery["reference"][w], "tokens_per_s") for w in placements},
+        "speedup_from_sdpa": {w: ratio(surgery["ours"][w], surgery["ours_eager"][w], "tokens_per_s") for w in placements},
+        "memory_ratio": {w: ratio(surgery["reference"][w], surgery["ours"][w], "peak_gib") for w in placements},
+        "high_vs_low_cost": ratio(surgery["ours"]["high"], surgery["ours"]["low"], "tokens_per_s"),
+        "diagnosis": diagnosis,
+        "diagnosis_speedup": ratio(diagnosis["ours"], diagnosis["reference"], "tokens_per_s"),
+    }
+    return result
+
+
+def print_bench(result: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"surgery step, {result['shape']} shape, B={result['batch']} x L={result['seq_len']}, "
+                        f"heads {result['target_heads'][0]}-{result['target_heads'][-1]} of one layer "
+                        f"({result['gpu'] or result['device']})")
+    for col in ("path", "targets", "tokens/s", "peak GiB"):
+        table.add_column(col, justify="right")
+    for path, rows in result["surgery"].items():
+        for where, row in rows.items():
+            table.add_row(path, f"{where} layer", f"{row['tokens_per_s']:,.0f}", str(row.get("peak_gib", "—")))
+    console.print(table)
+    d = result["diagnosis"]
+    diag = Table(title="diagnosis (per-head statistics)")
+    for col in ("path", "tokens/s", "peak GiB", "activation peak GiB"):
+        diag.add_column(col, justify="right")
+    for path, row in d.items():
+        diag.add_row(path, f"{row['tokens_per_s']:,.0f}", str(row.get("peak_gib", "—")), str(row.get("activation_peak_gib", "—")))
+    console.print(diag)
+    console.print(f"speedup {result['speedup']}, memory ratio {result['memory_ratio']}, "
+                  f"SDPA share {result['speedup_from_sdpa']}, diagnosis speedup {result['diagnosis_speedup']}")
