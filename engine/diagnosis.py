@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .arch import BloomAdapter, base_model
 from .events import DiagnosisProgress, NullSink, Sink
@@ -61,11 +62,14 @@ class HeadStatsCollector:
 
     def __init__(self, model: torch.nn.Module, adapter: BloomAdapter):
         self.model, self.adapter = model, adapter
-        shape = (adapter.n_layer, adapter.n_head)
-        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in ("bos_mass", "entropy", "local_mass", "head_norm")}
-        self.layer_norm = torch.zeros(adapter.n_layer, dtype=torch.float64)
+        # Sums stay on the model's device until `means()`: a copy to the host per layer would stall the GPU.
+        # Rows: BOS mass, entropy, local mass, head output norm.
+        device = next(model.parameters()).device
+        self.sums = torch.zeros((4, adapter.n_layer, adapter.n_head), dtype=torch.float64, device=device)
+        self.layer_norm = torch.zeros(adapter.n_layer, dtype=torch.float64, device=device)
         self.count = 0.0
         self._weights: torch.Tensor | None = None
+        self._grams: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> "HeadStatsCollector":
@@ -81,8 +85,9 @@ class HeadStatsCollector:
         self._handles.clear()
 
     def set_batch(self, attention_mask: torch.Tensor) -> None:
-        self._weights = query_weights(attention_mask).to(next(self.model.parameters()).device)
-        self.count += float(self._weights.sum())
+        weights = query_weights(attention_mask)
+        self.count += float(weights.sum())
+        self._weights = weights.to(next(self.model.parameters()).device)
 
     def _attention_hook(self, layer: int):
         def hook(module, args, output):
@@ -95,15 +100,14 @@ class HeadStatsCollector:
         return hook
 
     def _reduce_probs(self, layer: int, p: torch.Tensor) -> None:
-        w = self._weights[:, None, :]  # [B, 1, Lq]
-        bos = p[..., 0]
+        # Few, large kernels: diagnosis is launch-bound on a GPU when the hooks issue many small ones.
         entropy = -torch.special.xlogy(p, p).sum(-1)
-        local = torch.diagonal(p, 0, -2, -1).clone()
+        local = torch.diagonal(p, 0, -2, -1)
         for back in (1, 2):
             if p.shape[-1] > back:
-                local[..., back:] += torch.diagonal(p, -back, -2, -1)
-        for name, value in (("bos_mass", bos), ("entropy", entropy), ("local_mass", local)):
-            self.sums[name][layer] += (value * w).sum(dim=(0, 2)).double().cpu()
+                local = local + F.pad(torch.diagonal(p, -back, -2, -1), (back, 0))
+        stats = torch.stack((p[..., 0], entropy, local))  # [3, B, H, Lq]
+        self.sums[:3, layer] += (stats * self._weights[None, :, None, :]).sum(dim=(1, 3)).double()
 
     def _dense_hook(self, layer: int):
         def hook(module, args, output):
@@ -114,21 +118,28 @@ class HeadStatsCollector:
 
         return hook
 
+    def _gram(self, layer: int, module) -> torch.Tensor:
+        """W_h^T W_h per head ([H, d, d]); weights are fixed while a collector is attached."""
+        if layer not in self._grams:
+            n_head, d = self.adapter.n_head, self.adapter.head_dim
+            w = module.weight.float().view(-1, n_head, d).transpose(0, 1)  # [H, hidden, d]
+            self._grams[layer] = torch.bmm(w.transpose(1, 2), w)
+        return self._grams[layer]
+
     def _reduce_dense(self, layer: int, module, ctx: torch.Tensor, out: torch.Tensor) -> None:
         n_head, d = self.adapter.n_head, self.adapter.head_dim
-        weight = module.weight.float()  # [hidden, H*d]
-        gram = torch.einsum("ohd,ohe->hde", weight.view(-1, n_head, d), weight.view(-1, n_head, d))
-        c = ctx.view(*ctx.shape[:2], n_head, d)
-        head_sq = torch.einsum("blhd,hde,blhe->blh", c, gram, c).clamp_min(0)  # ||W_h c_h||^2
+        c = ctx.reshape(-1, n_head, d).transpose(0, 1)  # [H, B*L, d]
+        head_sq = (torch.bmm(c, self._gram(layer, module)) * c).sum(-1)  # ||W_h c_h||^2, [H, B*L]
         total = out - module.bias.float() if module.bias is not None else out
-        w = self._weights
-        self.sums["head_norm"][layer] += (head_sq.sqrt() * w[..., None]).sum(dim=(0, 1)).double().cpu()
-        self.layer_norm[layer] += float((total.norm(dim=-1) * w).sum())
+        w = self._weights.reshape(-1)
+        self.sums[3, layer] += (head_sq.clamp_min(0).sqrt() @ w).double()
+        self.layer_norm[layer] += (total.norm(dim=-1).reshape(-1) @ w).double()
 
     def means(self) -> dict[str, np.ndarray]:
         n = max(self.count, 1.0)
-        out = {name: (self.sums[name] / n).numpy() for name in ("bos_mass", "entropy", "local_mass")}
-        out["contribution"] = (self.sums["head_norm"] / self.layer_norm.clamp_min(1e-12)[:, None]).numpy()
+        sums = self.sums.cpu()
+        out = {name: (sums[i] / n).numpy() for i, name in enumerate(("bos_mass", "entropy", "local_mass"))}
+        out["contribution"] = (sums[3] / self.layer_norm.cpu().clamp_min(1e-12)[:, None]).numpy()
         return out
 
 

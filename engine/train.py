@@ -16,7 +16,7 @@ from .arch import base_model
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
 from .errors import HeadSurgeonError, InputError
-from .fastattn import sdpa_attention
+from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
 from .loss import causal_lm_loss
 from .events import Checkpoint, EvalMetrics, HeadRecovery, NullSink, PhaseChanged, RunFailed, Sink, StepMetrics
@@ -174,7 +174,7 @@ class SurgeryRun:
 
     # --- one optimizer step --------------------------------------------------------------------------
     def _fast(self):
-        return sdpa_attention(self.model, self.adapter, self.config.attention == "sdpa")
+        return fast_kernels(self.model, self.adapter, self.config.attention == "sdpa")
 
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = base_model(self.model)(input_ids=ids, use_cache=False).last_hidden_state

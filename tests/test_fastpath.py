@@ -5,7 +5,7 @@ import copy
 import torch
 
 from engine.arch import adapter_for
-from engine.fastattn import sdpa_attention
+from engine.fastpath import fast_kernels
 from engine.loss import causal_lm_loss
 from engine.surgery import SurgeryPlan, operate
 from engine.train import enable_checkpointing
@@ -20,19 +20,19 @@ def _inputs(model):
     return ids, mask
 
 
-def test_sdpa_attention_equals_eager_bloom_with_and_without_padding():
+def test_fast_kernels_equal_eager_bloom_with_and_without_padding():
     model = tiny_model(n_layer=2, n_head=4, hidden=32)
     adapter = adapter_for(model)
     ids, mask = _inputs(model)
     with torch.no_grad():
         for m in (None, mask):
             eager = model(ids, attention_mask=m).logits
-            with sdpa_attention(model, adapter):
+            with fast_kernels(model, adapter):
                 fast = model(ids, attention_mask=m).logits
             assert torch.allclose(fast, eager, atol=1e-5), (m is not None, (fast - eager).abs().max())
-    # The patch is undone on exit: attention probabilities come back.
-    out = adapter.attention(model, 0)
-    assert "forward" not in vars(out)
+    # The patch is undone on exit: attention probabilities and the eager GeLU come back.
+    assert "forward" not in vars(adapter.attention(model, 0))
+    assert "forward" not in vars(adapter.blocks(model)[0].mlp.gelu_impl)
 
 
 def test_sdpa_training_gradients_equal_eager_with_checkpointing():
@@ -45,7 +45,7 @@ def test_sdpa_training_gradients_equal_eager_with_checkpointing():
         slices = operate(model, adapter, SurgeryPlan([(1, 1), (2, 3)], seed=0))
         model.train()
         enable_checkpointing(model)
-        with sdpa_attention(model, adapter, enabled=fast):
+        with fast_kernels(model, adapter, enabled=fast):
             hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
             loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=16)
             loss.backward()

@@ -1,9 +1,11 @@
-"""A fused-kernel attention path for BLOOM: `scaled_dot_product_attention` with the ALiBi bias as a float mask.
+"""Fused kernels for BLOOM's training and evaluation path.
 
-transformers' BLOOM attention is eager only (scores, fp32 softmax and probabilities materialised per layer).
-Within `sdpa_attention(model)` every attention module computes the same function through SDPA (the
-memory-efficient or cuDNN kernel on CUDA), returning no probabilities. Diagnosis keeps the eager path,
-because it needs the probabilities themselves.
+transformers' BLOOM attention is eager only (scores, fp32 softmax and probabilities materialised per layer),
+and its GeLU is a hand-written autograd function of several elementwise kernels. Within
+`fast_kernels(model, adapter)` every attention module computes the same function through
+`scaled_dot_product_attention` with the ALiBi bias as a float mask (memory-efficient or cuDNN kernel on
+CUDA; no probabilities returned), and every MLP uses PyTorch's fused tanh GeLU (the same formula).
+Diagnosis keeps the eager path, because it needs the probabilities themselves.
 """
 
 from __future__ import annotations
@@ -53,21 +55,31 @@ def _sdpa_forward(self, hidden_states, residual, alibi, attention_mask, layer_pa
     return out, None
 
 
+def _tanh_gelu(self, x):
+    return F.gelu(x, approximate="tanh")
+
+
 @contextmanager
-def sdpa_attention(model, adapter: BloomAdapter, enabled: bool = True):
-    """Within the block, BLOOM attention runs through SDPA (no attention probabilities are returned)."""
+def fast_kernels(model, adapter: BloomAdapter, enabled: bool = True):
+    """Within the block, BLOOM attention runs through SDPA (no attention probabilities are returned) and
+    the MLP through the fused tanh GeLU."""
     if not enabled:
         yield
         return
     modules = [adapter.attention(model, layer) for layer in range(adapter.n_layer)]
+    gelus = [block.mlp.gelu_impl for block in adapter.blocks(model)]
     shared_cache: list = []
     for m in modules:
         m._hs_eager_forward = m.forward
         m._hs_bias_cache = shared_cache
         m.forward = types.MethodType(_sdpa_forward, m)
+    for g in gelus:
+        g.forward = types.MethodType(_tanh_gelu, g)
     try:
         yield
     finally:
         shared_cache.clear()
         for m in modules:
             del m.forward, m._hs_eager_forward, m._hs_bias_cache
+        for g in gelus:
+            del g.forward
