@@ -84,3 +84,20 @@ def test_backward_stops_below_the_lowest_target_layer():
     hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
     causal_lm_loss(model.lm_head, hidden, ids).backward()
     assert reached == [2]
+
+
+def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--tiny", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    for path in ("reference", "ours", "ours_eager"):
+        for where in ("low", "high"):
+            assert result["surgery"][path][where]["tokens_per_s"] > 0
+    assert set(result["speedup"]) == {"low", "high"} and result["diagnosis"]["ours"]["tokens_per_s"] > 0
+    assert result["diagnosis_speedup"] > 0
