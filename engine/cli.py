@@ -154,12 +154,46 @@ def job_from_args(args, loaded, sick):
     return SurgeryJob(plans, corpus, train, evaluation)
 
 
+def run_recorded(loaded, job, out, *, prompts, baseline, console, session=None, resume=False) -> dict:
+    """run_job with rich progress, recording into `session` (autosaved) when one is given."""
+    from .console import ConsoleSink, print_operation
+    from .events import MultiSink
+    from .operation import run_job
+    from .session import SessionRecorder
+
+    if session is not None:
+        session.set_run_dir(out)
+        session.status = "running"
+        session.log("resume" if resume else "operate", run_dir=session.run_dir)
+        session.save()
+    with ConsoleSink(console) as printer:
+        sink = MultiSink(printer, SessionRecorder(session) if session is not None else None)
+        report = run_job(loaded, job, out, prompts=prompts, sink=sink, baseline=baseline, resume=resume)
+    if session is not None:
+        session.save()
+    print_operation(report, console)
+    console.print(f"patch and report written to {out}" + (f"; session {session.path}" if session else ""))
+    return report
+
+
+def new_session(loaded, args, baseline, job):
+    from .model import model_identity
+    from .session import Session
+    from .spec import format_heads
+
+    session = Session(model=model_identity(loaded), job=job.to_dict(), report=baseline.to_json(),
+                      diagnosis={"batch_size": args.batch_size, "max_len": args.max_len, "prompts": args.prompts,
+                                 "thresholds": {"sink": args.sink, "dead": args.dead, "low_entropy": args.low_entropy}},
+                      marks={"targets": format_heads(job.targets), "frozen": format_heads(job.frozen)})
+    session.log("diagnose", sick=len(baseline.sick()))
+    session.log("mark", targets=session.marks["targets"], frozen=session.marks["frozen"])
+    return session
+
+
 def cmd_operate(args) -> int:
     from rich.console import Console
 
-    from .console import ConsoleSink, print_operation
     from .diagnosis import diagnose
-    from .operation import run_job
     from .patch import export_model
     from .prompts import load_prompts
 
@@ -171,13 +205,88 @@ def cmd_operate(args) -> int:
     with console.status(f"diagnosing {loaded.name} before surgery…"):
         baseline = diagnose(loaded, prompts, settings)
     job = job_from_args(args, loaded, baseline.sick())
-    with ConsoleSink(console) as sink:
-        report = run_job(loaded, job, args.out, prompts=prompts, sink=sink, baseline=baseline)
-    print_operation(report, console)
-    console.print(f"patch and report written to {args.out}")
+    session = None
+    if args.session:
+        session = new_session(loaded, args, baseline, job)
+        session.path = Path(args.session)
+    run_recorded(loaded, job, args.out, prompts=prompts, baseline=baseline, console=console, session=session)
     if args.export:
         export_model(loaded.model, loaded.tokenizer, args.export)
         console.print(f"repaired model exported to {args.export}")
+    return 0
+
+
+def _session_model(session, args):
+    """Load the session's base model (or --model) and refuse a different one."""
+    from .model import check_identity, load_model
+
+    ref = args.model or session.model.get("ref")
+    loaded = load_model(ref, device=args.device, dtype=args.dtype, revision=session.model.get("revision"))
+    check_identity(session.model, loaded, f"session {session.path}")
+    return loaded
+
+
+def _session_settings(session):
+    from .diagnosis import DiagnosisSettings
+    from .report import Thresholds
+
+    d = session.diagnosis
+    return DiagnosisSettings(batch_size=int(d.get("batch_size", 8)), max_len=int(d.get("max_len", 512)),
+                             thresholds=Thresholds(**d.get("thresholds", {})))
+
+
+def cmd_replay(args) -> int:
+    """Re-execute a session's recorded actions headless into a new run directory and session."""
+    from rich.console import Console
+
+    from .diagnosis import diagnose
+    from .errors import InputError
+    from .operation import SurgeryJob
+    from .prompts import load_prompts
+    from .session import Session
+
+    console = Console()
+    original = Session.load(args.session)
+    if not original.job:
+        raise InputError(f"session {args.session} has no surgery to replay: it only holds a diagnosis")
+    with console.status("loading model…"):
+        loaded = _session_model(original, args)
+    prompts = load_prompts(original.diagnosis.get("prompts"))
+    with console.status("diagnosing before surgery…"):
+        baseline = diagnose(loaded, prompts, _session_settings(original))
+    job = SurgeryJob.from_dict(original.job, loaded.adapter, sick=baseline.sick())
+    stem = Path(args.session).stem
+    out = Path(args.out) if args.out else Path(args.session).with_name(f"{stem}-replay")
+    replay = Session(model=original.model, diagnosis=original.diagnosis, job=job.to_dict(), report=baseline.to_json(),
+                     marks=original.marks, path=out / "session.json")
+    replay.log("replay", of=str(Path(args.session).resolve()))
+    replay.log("diagnose", sick=len(baseline.sick()))
+    run_recorded(loaded, job, out, prompts=prompts, baseline=baseline, console=console, session=replay)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    """Continue a session's interrupted run from its last checkpoint."""
+    from rich.console import Console
+
+    from .errors import InputError
+    from .operation import SurgeryJob
+    from .prompts import load_prompts
+    from .report import HeadReport
+    from .session import Session
+
+    console = Console()
+    session = Session.load(args.session)
+    run = session.run_path()
+    if not session.job or run is None:
+        raise InputError(f"session {args.session} has no run to resume: start one with operate --session")
+    if session.status == "finished":
+        raise InputError(f"session {args.session} already finished: use replay to run it again")
+    loaded = _session_model(session, args)
+    baseline = HeadReport.from_json(session.report) if session.report else None
+    job = SurgeryJob.from_dict(session.job, loaded.adapter, sick=baseline.sick() if baseline else None)
+    prompts = load_prompts(session.diagnosis.get("prompts"))
+    run_recorded(loaded, job, run, prompts=prompts, baseline=baseline, console=console, session=session, resume=True)
     return 0
 
 
@@ -246,7 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--completions", type=int, default=3, help="sample this many prompt completions before/after")
     p.add_argument("--out", required=True, help="directory for patch.safetensors, report.json and checkpoints")
     p.add_argument("--export", help="also write the repaired model (save_pretrained) into this new directory")
+    p.add_argument("--session", help="record the run as a session file (autosaved; resumable, replayable)")
     p.set_defaults(func=cmd_operate)
+
+    p = sub.add_parser("replay", help="re-run a saved session's actions headless into a new run and session")
+    add_model_args(p)
+    p.add_argument("session", help="session .json")
+    p.add_argument("--out", help="run directory (default: SESSION-replay beside the session)")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("resume", help="continue a session's interrupted run from its last checkpoint")
+    add_model_args(p)
+    p.add_argument("session", help="session .json")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("apply", help="apply a saved patch to its base model and export the repaired model")
     add_model_args(p)

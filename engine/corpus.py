@@ -15,7 +15,7 @@ import torch
 from .errors import InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".html", ".json", ".toml", ".cfg", ".ini", ".yaml", ".yml"}
-PYTHON_SOURCES = "python-stdlib"  # the running Python's own source tree: present on every machine
+PYTHON_SOURCES = "python-stdlib"  # the running Python's own source tree (or python-stdlib/PKG): on every machine
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,16 @@ class CorpusSpec:
         return ":".join(parts)
 
 
-def python_source_files() -> list[str]:
-    """The running Python's standard-library `.py` files (its own tests included), sorted."""
+def python_source_files(package: str = "") -> list[str]:
+    """The running Python's standard-library `.py` files (its own tests included), sorted; `package`
+    narrows them to one sub-package (e.g. `json`)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
-        p for p in root.rglob("*.py")
-        if "site-packages" not in p.parts
+        p for p in (root / package).rglob("*.py")
+        if "site-packages" not in p.relative_to(root).parts
     ]
+    if not files:
+        raise InputError(f"the standard library has no package {package!r}: write python-stdlib/NAME, e.g. python-stdlib/json")
     return [str(p) for p in sorted(files)]
 
 
@@ -57,8 +60,9 @@ def load_texts(spec: CorpusSpec) -> list[str]:
     source = spec.source
     path = Path(source).expanduser()
     try:
-        if source == PYTHON_SOURCES or path.is_dir():
-            files = python_source_files() if source == PYTHON_SOURCES else _local_files(path)
+        stdlib = source == PYTHON_SOURCES or source.startswith(PYTHON_SOURCES + "/")
+        if stdlib or path.is_dir():
+            files = python_source_files(source[len(PYTHON_SOURCES) + 1:]) if stdlib else _local_files(path)
             ds = datasets.load_dataset("text", data_files=files, sample_by="document", encoding_errors="ignore", split="train")
             column = "text"
         elif path.is_file():

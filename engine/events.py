@@ -7,6 +7,7 @@ progress printer and the session recorder all listen to the same stream.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,6 +135,17 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (DiagnosisProgress, PhaseChanged, StepMetrics, EvalMetrics, HeadRecovery, Checkpoint, RunFinished, RunFailed)
 }
+
+
+def json_safe(value):
+    """NaN/inf floats become None (recursively) so files are strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

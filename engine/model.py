@@ -129,7 +129,8 @@ def weights_hash(directory: str | Path) -> str:
 def model_identity(loaded: LoadedModel) -> dict:
     """What a patch or session records about its base model, to refuse a mismatched one later."""
     a = loaded.adapter
-    ident = {"ref": loaded.ref, "source": loaded.source, "revision": loaded.revision,
+    bundled = loaded.source == "local" and Path(loaded.ref) == BUNDLED_MODEL_DIR.resolve()
+    ident = {"ref": BUNDLED_NAME if bundled else loaded.ref, "source": loaded.source, "revision": loaded.revision,
              "n_layer": a.n_layer, "n_head": a.n_head, "hidden_size": a.hidden_size}
     if loaded.source == "local":
         ident["weights_hash"] = weights_hash(loaded.ref)

@@ -21,7 +21,7 @@ from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss, mlp_dormancy,
                        perplexity, prompt_loss, recovery)
-from .events import NullSink, PhaseChanged, RunFinished, Sink
+from .events import NullSink, PhaseChanged, RunFinished, Sink, json_safe
 from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
 from .spec import format_heads
@@ -63,12 +63,13 @@ class SurgeryJob:
                 "evaluation": ev, "heldout_frac": self.heldout_frac}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], adapter) -> "SurgeryJob":
+    def from_dict(cls, data: dict[str, Any], adapter, sick=None) -> "SurgeryJob":
+        """Rebuild a recorded job; `sick` resolves the word `sick` in its plans (a fresh diagnosis)."""
         try:
             ev = dict(data.get("evaluation", {}))
             ev["thresholds"] = Thresholds(**ev.get("thresholds", {}))
             return cls(
-                plans=[SurgeryPlan.from_dict(p, adapter) for p in data["plans"]],
+                plans=[SurgeryPlan.from_dict(p, adapter, sick) for p in data["plans"]],
                 corpus=CorpusSpec(**data["corpus"]),
                 train=TrainConfig(**data.get("train", {})),
                 evaluation=EvalSettings(**ev),
@@ -173,20 +174,9 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, prompts: list[str],
         "diagnosis_before": before.to_json(),
         "diagnosis_after": after.to_json(),
     }
-    report = _finite(report)
+    report = json_safe(report)
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False))
     last = passes[-1] if passes else None
     sink.emit(RunFinished(last.steps_done if last else 0, last.best_step if last else -1,
                           last.best_heldout_ppl if last else math.inf, cancelled=report["cancelled"]))
     return report
-
-
-def _finite(value):
-    """NaN/inf become None so the report is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

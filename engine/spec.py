@@ -2,7 +2,8 @@
 
     3.9-15,5-22.9-15,23.12     layer 3 heads 9..15, layers 5..22 heads 9..15, layer 23 head 12
     *.9-15  /  4.*             every layer / every head
-    sick                       every non-healthy head of a diagnosis report
+    sick / healthy             every non-healthy / healthy head of a diagnosis report
+    5-22.9-15,!healthy         an item prefixed with ! removes its heads (applied after every other item)
 Ranges are inclusive. Results are sorted (layer, head) pairs without duplicates.
 """
 
@@ -31,23 +32,30 @@ def _side(text: str, limit: int, what: str, item: str) -> range:
 
 def parse_heads(spec: str, n_layer: int, n_head: int, sick: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     """Parse a head spec into sorted (layer, head) pairs; `sick` supplies the heads for the word `sick`."""
-    heads: set[tuple[int, int]] = set()
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise InputError("empty head spec: write items like 3.9-15,5-22.9-15 or the word sick")
+    heads: set[tuple[int, int]] = set()
+    removed: set[tuple[int, int]] = set()
     for item in items:
+        negate = item.startswith("!")
+        (removed if negate else heads).update(_item_heads(item[1:].strip() if negate else item, n_layer, n_head, sick))
+    return sorted(heads - removed)
+
+
+def _item_heads(item: str, n_layer: int, n_head: int, sick: list[tuple[int, int]] | None) -> set[tuple[int, int]]:
+    if item in ("sick", "healthy"):
+        if sick is None:
+            raise InputError(f"'{item}' needs a diagnosis: run diagnose first")
         if item == "sick":
-            if sick is None:
-                raise InputError("'sick' needs a diagnosis: run diagnose first")
-            heads.update(sick)
-            continue
-        parts = item.split(".")
-        if len(parts) != 2:
-            raise InputError(f"bad head spec item {item!r}: write LAYER.HEAD, e.g. 5-22.9-15")
-        layers = _side(parts[0].strip(), n_layer, "layer", item)
-        hs = _side(parts[1].strip(), n_head, "head", item)
-        heads.update((l, h) for l in layers for h in hs)
-    return sorted(heads)
+            return set(sick)
+        return {(l, h) for l in range(n_layer) for h in range(n_head)} - set(sick)
+    parts = item.split(".")
+    if len(parts) != 2:
+        raise InputError(f"bad head spec item {item!r}: write LAYER.HEAD, e.g. 5-22.9-15")
+    layers = _side(parts[0].strip(), n_layer, "layer", item)
+    hs = _side(parts[1].strip(), n_head, "head", item)
+    return {(l, h) for l in layers for h in hs}
 
 
 def format_heads(heads) -> str:

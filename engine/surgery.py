@@ -71,9 +71,9 @@ class SurgeryPlan:
                 "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], adapter: BloomAdapter) -> "SurgeryPlan":
+    def from_dict(cls, data: dict[str, Any], adapter: BloomAdapter, sick: list[Head] | None = None) -> "SurgeryPlan":
         try:
-            return cls.from_specs(data["targets"], data.get("frozen") or None, adapter,
+            return cls.from_specs(data["targets"], data.get("frozen") or None, adapter, sick=sick,
                                   init=data.get("init", "xavier_uniform"), seed=int(data.get("seed", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed surgery plan {data!r}: {exc}") from exc

@@ -31,3 +31,14 @@ def test_format_round_trips():
     text = format_heads(heads)
     assert parse_heads(text, 24, 16) == heads
     assert format_heads(parse_heads("5-22.9-15", 24, 16)) == "5-22.9-15"
+
+
+def test_exclusion_and_healthy_express_the_paper_plans():
+    sick = [(5, 9), (5, 10), (6, 12), (2, 3)]
+    band = "5-6.9-15"
+    assert parse_heads(f"{band},!healthy", 8, 16, sick) == [(5, 9), (5, 10), (6, 12)]
+    frozen = parse_heads(f"{band},!sick", 8, 16, sick)
+    assert len(frozen) == 2 * 7 - 3 and (5, 9) not in frozen
+    assert parse_heads(f"sick,!{band}", 8, 16, sick) == [(2, 3)]  # the outliers
+    with pytest.raises(InputError, match="'healthy' needs a diagnosis"):
+        parse_heads("!healthy", 8, 16)
