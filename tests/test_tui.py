@@ -143,3 +143,53 @@ async def test_snapshots_main_help_and_spec_dialog(planted_dir):
         await pilot.press("escape", "b")
         await pilot.pause()
         check_snapshot(app, "spec_dialog")
+
+
+async def test_surgery_from_the_dialog_updates_recovery_curves_and_saves_a_session(planted_dir, tmp_path, monkeypatch):
+    from engine.session import Session
+    from tui.screens import SurgeryScreen
+
+    monkeypatch.chdir(tmp_path)  # runs/ and sessions/ are created in the working directory
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(__import__("engine.prompts", fromlist=["x"]).builtin_prompts() * 4))
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("o")  # nothing marked yet: a warning, no dialog
+        await pilot.pause()
+        assert not isinstance(app.screen, SurgeryScreen)
+        await pilot.press("a", "o")
+        await pilot.pause()
+        assert isinstance(app.screen, SurgeryScreen)
+        check_snapshot(app, "surgery_dialog")
+        app.screen.query_one("#field-corpus").value = str(corpus)
+        app.screen.query_one("#field-steps").value = "4"
+        app.screen.query_one("#field-lr").value = "0.01"
+        app.screen.query_one("#field-seq_len").value = "32"
+        await pilot.press("enter")
+        await wait_idle(app, pilot, rounds=200)
+        assert app.recovery == {"woken": 2, "functional": app.recovery["functional"], "targets": 2}
+        assert "woken 2 / functional" in str(app.query_one("#summary").render())
+        assert len(app.losses) == 4 and len(app.ppls) >= 2
+        assert app.grid.data.classes[0][3] != "dead"  # the planted head woke up and the grid recoloured
+        assert app.before is not None and "(was " in str(app.query_one("#detail").render())  # before/after
+        session_path = app.session.path
+        assert session_path is not None and session_path.is_file()  # autosaved during the run
+        recorded = Session.load(session_path)
+        assert recorded.status == "finished" and len(recorded.eval_points()) >= 2
+        assert (tmp_path / recorded.run_path() / "patch.safetensors").is_file()
+        await pilot.press("s")
+        await pilot.pause()
+        assert Session.load(session_path).marks["targets"] == "0.3,2.1"
+
+    # A fresh workbench shows the saved session without recomputing.
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("L")  # shift+l: plain l moves right in the grid (vim keys)
+        await pilot.pause()
+        app.screen.query_one("#prompt-input").value = str(session_path)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.recovery is not None and app.recovery["targets"] == 2
+        assert app.grid.data.targets == set(PLANTED) and len(app.losses) == 4

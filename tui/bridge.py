@@ -44,3 +44,11 @@ class MessageSink:
 
     def emit(self, event) -> None:
         self.target.post_message(EngineEvent(event))
+
+
+class SurgeryDone(Message):
+    """A surgery job finished; `report` is the engine's report dict (JSON-safe)."""
+
+    def __init__(self, report: dict, out_dir: str) -> None:
+        super().__init__()
+        self.report, self.out_dir = report, out_dir

@@ -63,3 +63,30 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_answer(self, value: bool) -> None:
         self.dismiss(value)
+
+
+class SurgeryScreen(ModalScreen[dict | None]):
+    """The surgery dialog: corpus, steps, learning rate, seq len, seed. Returns the raw fields, or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+    FIELDS = (("corpus", "corpus: file, directory, .jsonl/.parquet, hub id or python-stdlib/PKG"),
+              ("steps", "optimizer steps"), ("lr", "learning rate"), ("seq_len", "sequence length"), ("seed", "seed"))
+
+    def __init__(self, summary: str, defaults: dict) -> None:
+        super().__init__()
+        self.summary, self.defaults = summary, defaults
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="surgery"):
+            yield Label("Surgery", classes="title")
+            yield Label(self.summary, classes="hint")
+            for name, placeholder in self.FIELDS:
+                yield Label(placeholder)
+                yield Input(value=str(self.defaults.get(name, "")), placeholder=placeholder, id=f"field-{name}")
+            yield Label("enter starts · esc cancels · tab moves between fields", classes="hint")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss({name: self.query_one(f"#field-{name}", Input).value.strip() for name, _ in self.FIELDS})
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
