@@ -73,10 +73,12 @@ class HeadSurgeonApp(App[int]):
             with Vertical(id="side"):
                 yield Static("", id="detail")
                 yield Static("", id="summary")
-                yield Label("loss", id="loss-label", classes="curve-label")
-                yield Sparkline([], id="loss-curve")
-                yield Label("held-out ppl", id="ppl-label", classes="curve-label")
-                yield Sparkline([], id="ppl-curve")
+                with Horizontal(classes="curve"):
+                    yield Label("loss", id="loss-label")
+                    yield Sparkline([], id="loss-curve")
+                with Horizontal(classes="curve"):
+                    yield Label("held-out ppl", id="ppl-label")
+                    yield Sparkline([], id="ppl-curve")
         with Horizontal(id="status-row"):
             yield Static("", id="status")
             yield ProgressBar(id="progress", show_eta=True)
@@ -234,7 +236,7 @@ class HeadSurgeonApp(App[int]):
         if self.losses:
             self.query_one("#loss-label", Label).update(f"loss {self.losses[-1]:.3f}")
         if self.ppls:
-            self.query_one("#ppl-label", Label).update(f"held-out ppl {self.ppls[-1]:.2f}")
+            self.query_one("#ppl-label", Label).update(f"ppl {self.ppls[-1]:.2f}")
 
     @on(SurgeryDone)
     def _surgery_done(self, message: SurgeryDone) -> None:

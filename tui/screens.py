@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown
 
@@ -69,8 +69,7 @@ class SurgeryScreen(ModalScreen[dict | None]):
     """The surgery dialog: corpus, steps, learning rate, seq len, seed. Returns the raw fields, or None."""
 
     BINDINGS = [Binding("escape", "cancel", "cancel")]
-    FIELDS = (("corpus", "corpus: file, directory, .jsonl/.parquet, hub id or python-stdlib/PKG"),
-              ("steps", "optimizer steps"), ("lr", "learning rate"), ("seq_len", "sequence length"), ("seed", "seed"))
+    FIELDS = (("corpus", "corpus"), ("steps", "steps"), ("lr", "learning rate"), ("seq_len", "seq len"), ("seed", "seed"))
 
     def __init__(self, summary: str, defaults: dict) -> None:
         super().__init__()
@@ -80,10 +79,12 @@ class SurgeryScreen(ModalScreen[dict | None]):
         with Vertical(id="dialog", classes="surgery"):
             yield Label("Surgery", classes="title")
             yield Label(self.summary, classes="hint")
-            for name, placeholder in self.FIELDS:
-                yield Label(placeholder)
-                yield Input(value=str(self.defaults.get(name, "")), placeholder=placeholder, id=f"field-{name}")
-            yield Label("enter starts · esc cancels · tab moves between fields", classes="hint")
+            for name, label in self.FIELDS:
+                with Horizontal(classes="field"):
+                    yield Label(label)
+                    yield Input(value=str(self.defaults.get(name, "")), placeholder=label, id=f"field-{name}")
+            yield Label("corpus: text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib/PKG\n"
+                        "enter starts · esc cancels · tab moves between fields", classes="hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss({name: self.query_one(f"#field-{name}", Input).value.strip() for name, _ in self.FIELDS})
