@@ -95,7 +95,7 @@ async def test_help_lists_every_key_and_quit_is_clean(planted_dir):
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
-        for key in ("space", "`f`", "`r`", "`c`", "`d`", "`b`", "`a`", "`m`", "`q`", "`h`"):
+        for key in ("space", "`f`", "`r`", "`c`", "`d`", "`b`", "`a`", "`m`", "`q`", "`h`", "`o`", "`s`", "`L`", "`[`", "`]`"):
             assert key in app.screen.markdown
         await pilot.press("escape")
         await pilot.pause()
@@ -194,3 +194,11 @@ async def test_surgery_from_the_dialog_updates_recovery_curves_and_saves_a_sessi
         await pilot.pause()
         assert app.recovery is not None and app.recovery["targets"] == 2
         assert app.grid.data.targets == set(PLANTED) and len(app.losses) == 4
+        final_grid = [row[:] for row in app.grid.data.bos]
+        await pilot.press(*"[" * 10)  # scrub back to the first evaluation point (step 0, right after re-init)
+        assert "evaluation point 1/" in str(app.query_one("#status").render())
+        assert "step 0" in str(app.query_one("#status").render())
+        first_grid = [row[:] for row in app.grid.data.bos]
+        assert first_grid != final_grid
+        await pilot.press(*"]" * 10)
+        assert app.grid.data.bos == final_grid

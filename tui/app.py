@@ -44,6 +44,8 @@ class HeadSurgeonApp(App[int]):
         Binding("a", "mark_sick", "all sick"),
         Binding("x", "clear_marks", "clear"),
         Binding("o", "surgery", "operate"),
+        Binding("left_square_bracket", "scrub(-1)", "earlier"),
+        Binding("right_square_bracket", "scrub(1)", "later"),
         Binding("s", "save_session", "save"),
         Binding("L", "load_session", "load"),  # `l` is vim-right in the grid
         Binding("m", "open_model", "model"),
@@ -61,6 +63,7 @@ class HeadSurgeonApp(App[int]):
         self.before = None  # the HeadReport before the last surgery (detail pane shows before/after)
         self.session: Session | None = None
         self.recovery: dict | None = None  # last HeadRecovery: woken / functional / targets
+        self.point: int | None = None  # index of the evaluation point shown while scrubbing
         self.losses: list[float] = []
         self.ppls: list[float] = []
         self.surgery_defaults = {"corpus": "python-stdlib/json", "steps": 100, "lr": 5e-5, "seq_len": 512, "seed": 0}
@@ -446,12 +449,31 @@ class HeadSurgeonApp(App[int]):
         recoveries = [e for e in events if e.get("kind") == HeadRecovery.kind]
         self.recovery = {k: recoveries[-1][k] for k in ("woken", "functional", "targets")} if recoveries else None
         points = session.eval_points()
+        self.point = None
         if points:
             self._show_bos(points[-1]["bos_mass"])
         self._update_curves()
         self.refresh_panes()
         self.set_status(f"session {path}: {session.status}, {len(points)} evaluation points")
         self.log_line(f"loaded session {path} ({len(session.actions)} actions)")
+
+    def action_scrub(self, delta: int) -> None:
+        """Step through the recorded evaluation points (grid, recovery, ppl) without recomputing."""
+        points = self.session.eval_points() if self.session is not None else []
+        if not points:
+            self.notify("no recorded evaluation points: run surgery (o) or load a session (L)", severity="warning")
+            return
+        last = len(points) - 1
+        self.point = min(max((last if self.point is None else self.point) + delta, 0), last)
+        point = points[self.point]
+        self._show_bos(point["bos_mass"])
+        recoveries = {e["step"]: e for e in self.session.events if e.get("kind") == HeadRecovery.kind}
+        rec = recoveries.get(point["step"])
+        if rec is not None:
+            self.recovery = {k: rec[k] for k in ("woken", "functional", "targets")}
+        self.refresh_panes()
+        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: step {point['step']}, "
+                        f"held-out ppl {point['heldout_ppl']:.3f}   ([ / ] to move)")
 
     def action_open_model(self) -> None:
         current = self.loaded.ref if self.loaded is not None else ""
@@ -467,7 +489,8 @@ class HeadSurgeonApp(App[int]):
     def help_markdown(self) -> str:
         lines = ["# head-surgeon keys", "", "| key | action |", "|---|---|"]
         for binding in [*HeadGrid.BINDINGS, *self.BINDINGS]:
-            lines.append(f"| `{binding.key.replace(',', '`, `')}` | {binding.description or binding.action} |")
+            keys = "`, `".join(self.get_key_display(Binding(key.strip(), "")) for key in binding.key.split(","))
+            lines.append(f"| `{keys}` | {binding.description or binding.action} |")
         lines += ["", "Grid cells: colour = class, number = BOS mass in percent (capped at 99), `+` target, `=` frozen.",
                   "Column headers are head indices; the detail pane shows each head's ALiBi slope.",
                   "", "ctrl+p opens the command palette."]
