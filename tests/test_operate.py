@@ -71,6 +71,22 @@ def test_job_writes_history_recovery_patch_and_report(planted_dir, corpus_file, 
         assert torch.equal(a, b), name
 
 
+def test_second_pass_starts_from_the_first_pass_best_checkpoint(planted_dir, corpus_file, tmp_path):
+    first, second = SurgeryPlan([PLANTED[0]], seed=0), SurgeryPlan([PLANTED[1]], seed=1)
+    job = _job(corpus_file)
+    job.plans = [first, second]
+    loaded, report, _ = _run(planted_dir, corpus_file, tmp_path, job=job)
+    assert [p["plan"]["targets"] for p in report["passes"]] == ["0.3", "2.1"]
+    best1, meta1 = load_patch(report["passes"][0]["best_checkpoint"])
+    assert meta1["pass"] == "pass-1"
+    # Pass 2 trained on top of pass 1's best slices: the final model holds them unchanged.
+    qkv = loaded.adapter.qkv(loaded.model, 0)
+    assert torch.equal(qkv.weight[loaded.adapter.qkv_rows(3)], best1["layer.0.head.3.qkv_weight"])
+    tensors, _ = load_patch(tmp_path / PATCH_FILE)
+    assert {k.rsplit(".", 1)[0] for k in tensors} == {"layer.0.head.3", "layer.2.head.1"}
+    assert report["recovery"]["targets"] == 2 and len(report["history"]) == 6
+
+
 def test_cli_apply_exports_a_loadable_model_and_refuses_other_weights(planted_dir, tiny_dir, corpus_file, tmp_path):
     loaded, _, _ = _run(planted_dir, corpus_file, tmp_path / "run")
     patch = tmp_path / "run" / PATCH_FILE

@@ -202,3 +202,4 @@ async def test_surgery_from_the_dialog_updates_recovery_curves_and_saves_a_sessi
         assert first_grid != final_grid
         await pilot.press(*"]" * 10)
         assert app.grid.data.bos == final_grid
+        assert app.surgery_defaults["corpus"] == str(corpus) and app.surgery_defaults["steps"] == 4  # o re-runs it

@@ -448,6 +448,11 @@ class HeadSurgeonApp(App[int]):
         self.ppls = [e["heldout_ppl"] for e in events if e.get("kind") == EvalMetrics.kind]
         recoveries = [e for e in events if e.get("kind") == HeadRecovery.kind]
         self.recovery = {k: recoveries[-1][k] for k in ("woken", "functional", "targets")} if recoveries else None
+        if session.job:  # `o` re-runs the recorded job's settings on the current marks
+            train, corpus = session.job.get("train", {}), session.job.get("corpus", {})
+            self.surgery_defaults = {"corpus": corpus.get("source", ""), "steps": train.get("steps") or 100,
+                                     "lr": train.get("lr", 5e-5), "seq_len": train.get("seq_len", 512),
+                                     "seed": train.get("seed", 0)}
         points = session.eval_points()
         self.point = None
         if points:
