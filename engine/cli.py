@@ -216,6 +216,16 @@ def cmd_operate(args) -> int:
     return 0
 
 
+def default_run_dir(name: str) -> Path:
+    """sessions/NAME in the working directory, numbered when it exists."""
+    from .session import DEFAULT_DIR
+
+    out, n = DEFAULT_DIR / name, 2
+    while out.exists():
+        out, n = DEFAULT_DIR / f"{name}-{n}", n + 1
+    return out
+
+
 def _session_model(session, args):
     """Load the session's base model (or --model) and refuse a different one."""
     from .model import check_identity, load_model
@@ -255,8 +265,7 @@ def cmd_replay(args) -> int:
     with console.status("diagnosing before surgery…"):
         baseline = diagnose(loaded, prompts, _session_settings(original))
     job = SurgeryJob.from_dict(original.job, loaded.adapter, sick=baseline.sick())
-    stem = Path(args.session).stem
-    out = Path(args.out) if args.out else Path(args.session).with_name(f"{stem}-replay")
+    out = Path(args.out) if args.out else default_run_dir(f"{Path(args.session).stem}-replay")
     replay = Session(model=original.model, diagnosis=original.diagnosis, job=job.to_dict(), report=baseline.to_json(),
                      marks=original.marks, path=out / "session.json")
     replay.log("replay", of=str(Path(args.session).resolve()))
@@ -361,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="re-run a saved session's actions headless into a new run and session")
     add_model_args(p)
     p.add_argument("session", help="session .json")
-    p.add_argument("--out", help="run directory (default: SESSION-replay beside the session)")
+    p.add_argument("--out", help="run directory (default: sessions/NAME-replay in the working directory)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("resume", help="continue a session's interrupted run from its last checkpoint")

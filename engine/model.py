@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -112,14 +113,22 @@ def load_model(
 
 
 def weights_hash(directory: str | Path) -> str:
-    """sha256 over the directory's weight files (names and bytes), for pinning a local base model."""
-    directory = Path(directory)
+    """sha256 over the directory's weight files (names and bytes), for pinning a local base model.
+    Cached per process while the files' sizes and modification times stay the same."""
+    directory = Path(directory).resolve()
     files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     if not files:
         raise ModelLoadError(f"no weight files (*.safetensors) in {directory}")
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(str(directory), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(directory: str, stamp: tuple) -> str:
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
+    for name, _, _ in stamp:
+        path = Path(directory) / name
+        digest.update(name.encode())
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)

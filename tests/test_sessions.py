@@ -45,6 +45,24 @@ def test_replaying_the_organism_example_reproduces_its_recorded_run(tmp_path):
     assert report["recovery"]["woken"] == report["recovery"]["targets"] == 5
 
 
+def test_operate_session_replays_to_the_same_patch(planted_dir, tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join(builtin_prompts() * 4))
+    common = ["--device", "cpu"]
+    done = cli("operate", "--model", planted_dir, *common, "--targets", "sick", "--corpus", corpus, "--steps", "3",
+               "--seq-len", "32", "--grad-accum", "2", "--eval-every", "1", "--lr", "1e-2", "--completions", "0",
+               "--out", tmp_path / "run", "--session", tmp_path / "s.json")
+    assert done.returncode == 0, done.stderr
+    session = Session.load(tmp_path / "s.json")
+    assert session.status == "finished" and session.run_path() == (tmp_path / "run").resolve()
+    assert session.job["plans"][0]["targets"] == "0.3,2.1"  # 'sick' resolved and recorded
+    done = cli("replay", tmp_path / "s.json", *common, "--out", tmp_path / "replay")
+    assert done.returncode == 0, done.stderr
+    a, _ = load_patch(tmp_path / "run" / PATCH_FILE)
+    b, _ = load_patch(tmp_path / "replay" / PATCH_FILE)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
 @pytest.mark.parametrize("damage,message,commands", [
     (lambda text: text[: len(text) // 2], "truncated or corrupt", ("replay", "resume")),
     (lambda text: text.replace('"schema_version": 1', '"schema_version": 99'), "schema_version 99", ("replay", "resume")),

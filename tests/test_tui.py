@@ -167,7 +167,8 @@ async def test_surgery_from_the_dialog_updates_recovery_curves_and_saves_a_sessi
         await pilot.press("enter")
         await wait_idle(app, pilot, rounds=200)
         assert app.recovery == {"woken": 2, "functional": app.recovery["functional"], "targets": 2}
-        assert "woken 2 / functional" in str(app.query_one("#summary").render())
+        summary = str(app.query_one("#summary").render())
+        assert "woken 2 / functional" in summary and "drift" in summary and app.drift is not None
         assert len(app.losses) == 4 and len(app.ppls) >= 2
         assert app.grid.data.classes[0][3] != "dead"  # the planted head woke up and the grid recoloured
         assert app.before is not None and "(was " in str(app.query_one("#detail").render())  # before/after

@@ -63,8 +63,10 @@ class HeadSurgeonApp(App[int]):
         self.before = None  # the HeadReport before the last surgery (detail pane shows before/after)
         self.session: Session | None = None
         self.recovery: dict | None = None  # last HeadRecovery: woken / functional / targets
+        self.drift: int | None = None  # untouched heads that drifted during the current run
         self.point: int | None = None  # index of the evaluation point shown while scrubbing
         self.losses: list[float] = []
+        self._consumed = 0  # session events already drawn into the curves
         self.ppls: list[float] = []
         self.surgery_defaults = {"corpus": "python-stdlib/json", "steps": 100, "lr": 5e-5, "seq_len": 512, "seed": 0}
 
@@ -201,15 +203,14 @@ class HeadSurgeonApp(App[int]):
             bar.update(total=event.total_prompts, progress=event.done_prompts)
         elif isinstance(event, StepMetrics):
             bar.update(total=event.total_steps, progress=event.step)
-            self.losses.append(event.loss)
             self.set_status(f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  "
                             f"{event.tokens_per_s:,.0f} tok/s")
-            self._update_curves()
+            self._sync_curves()
         elif isinstance(event, EvalMetrics):
-            self.ppls.append(event.heldout_ppl)
+            self._track_drift(event.bos_mass)
             self._show_bos(event.bos_mass)
             self.log_line(f"eval step {event.step}: held-out ppl {event.heldout_ppl:.3f}")
-            self._update_curves()
+            self._sync_curves()
         elif isinstance(event, HeadRecovery):
             self.recovery = {"woken": event.woken, "functional": event.functional, "targets": event.targets}
             self.refresh_panes()
@@ -220,6 +221,17 @@ class HeadSurgeonApp(App[int]):
         elif isinstance(event, RunFinished):
             self.log_line(f"run finished at step {event.step} (best step {event.best_step})"
                           + (" - cancelled" if event.cancelled else ""))
+
+    def _track_drift(self, bos_mass: list[list[float]]) -> None:
+        """Untouched heads whose BOS mass moved more than 0.05 from the diagnosis before the run."""
+        import numpy as np
+
+        if self.report is None:
+            return
+        moved = np.abs(np.asarray(bos_mass) - self.report.bos_mass) > 0.05
+        for layer, head in self.grid.data.targets:
+            moved[layer, head] = False
+        self.drift = int(moved.sum())
 
     def _show_bos(self, bos_mass: list[list[float]]) -> None:
         """Recolour the grid from a BOS-mass grid (entropy from the last full diagnosis)."""
@@ -232,6 +244,18 @@ class HeadSurgeonApp(App[int]):
         data.bos = bos.tolist()
         data.classes = classify(bos, entropy, thresholds).tolist()
         self.grid.set_data(data)
+
+    def _sync_curves(self) -> None:
+        """Extend the curves from the session's recorded events: step messages may coalesce when the UI
+        falls behind, the recording never drops one."""
+        events = self.session.events if self.session is not None else []
+        for e in events[self._consumed:]:
+            if e.get("kind") == StepMetrics.kind and e.get("loss") is not None:
+                self.losses.append(e["loss"])
+            elif e.get("kind") == EvalMetrics.kind and e.get("heldout_ppl") is not None:
+                self.ppls.append(e["heldout_ppl"])
+        self._consumed = len(events)
+        self._update_curves()
 
     def _update_curves(self) -> None:
         self.query_one("#loss-curve", Sparkline).data = list(self.losses)
@@ -303,6 +327,8 @@ class HeadSurgeonApp(App[int]):
         if self.recovery is not None:
             r = self.recovery
             text.append(f"woken {r['woken']} / functional {r['functional']} / targets {r['targets']}\n", style="bold")
+        if self.drift is not None:
+            text.append(f"drift {self.drift} untouched heads\n")
         if data.targets:
             spec = format_heads(data.targets)
             text.append(spec if len(spec) < 90 else spec[:87] + "…", style="dim")
@@ -383,7 +409,7 @@ class HeadSurgeonApp(App[int]):
         self.session.job = job.to_dict()
         self.session.events = []
         self.session.log("operate", targets=format_heads(plan.targets), frozen=format_heads(plan.frozen))
-        self.losses, self.ppls, self.recovery = [], [], None
+        self.losses, self.ppls, self.recovery, self.drift, self._consumed = [], [], None, None, 0
         self._update_curves()
         out = RUNS_DIR / f"{self.loaded.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.set_status("surgery starting…")
@@ -443,10 +469,8 @@ class HeadSurgeonApp(App[int]):
         sick = report.sick() if report is not None else None
         marks = {k: parse_heads(v, data.n_layer, data.n_head, sick) if v else [] for k, v in session.marks.items()}
         self.grid.set_marks(targets=set(marks.get("targets", [])), frozen=set(marks.get("frozen", [])))
-        events = session.events
-        self.losses = [e["loss"] for e in events if e.get("kind") == StepMetrics.kind]
-        self.ppls = [e["heldout_ppl"] for e in events if e.get("kind") == EvalMetrics.kind]
-        recoveries = [e for e in events if e.get("kind") == HeadRecovery.kind]
+        self.losses, self.ppls, self._consumed = [], [], 0
+        recoveries = [e for e in session.events if e.get("kind") == HeadRecovery.kind]
         self.recovery = {k: recoveries[-1][k] for k in ("woken", "functional", "targets")} if recoveries else None
         if session.job:  # `o` re-runs the recorded job's settings on the current marks
             train, corpus = session.job.get("train", {}), session.job.get("corpus", {})
@@ -457,7 +481,7 @@ class HeadSurgeonApp(App[int]):
         self.point = None
         if points:
             self._show_bos(points[-1]["bos_mass"])
-        self._update_curves()
+        self._sync_curves()
         self.refresh_panes()
         self.set_status(f"session {path}: {session.status}, {len(points)} evaluation points")
         self.log_line(f"loaded session {path} ({len(session.actions)} actions)")
