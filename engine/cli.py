@@ -108,8 +108,8 @@ def cmd_organism(args) -> int:
     return 0
 
 
-def add_corpus_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--corpus", required=default is None, default=default,
+def add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True,
                    help="text file, directory of text files, .jsonl/.parquet with a text column, hub dataset id, "
                    "or python-stdlib")
     p.add_argument("--corpus-config", help="hub dataset config (e.g. en for allenai/c4)")
