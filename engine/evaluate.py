@@ -126,39 +126,46 @@ def recovery(after: HeadReport, targets: list[Head], deltas: dict[str, float], s
     }
 
 
+def untouched_mask(shape: tuple[int, int], targets: list[Head]) -> np.ndarray:
+    mask = np.ones(shape, dtype=bool)
+    for l, h in targets:
+        mask[l, h] = False
+    return mask
+
+
+def drifted(before_bos: np.ndarray, after_bos: np.ndarray, targets: list[Head], threshold: float) -> np.ndarray:
+    """Mask of untouched heads whose BOS mass moved by more than `threshold`."""
+    delta = np.asarray(after_bos) - np.asarray(before_bos)
+    return (np.abs(delta) > threshold) & untouched_mask(delta.shape, targets)
+
+
 def drift(before: HeadReport, after: HeadReport, targets: list[Head], frozen: list[Head], threshold: float) -> dict:
     """Untouched heads whose BOS mass moved by more than `threshold`, split into heads outside the targeted
     columns and the listed frozen heads inside them, plus counts per head-index column."""
-    target_set, frozen_set = set(targets), set(frozen)
+    frozen_set = set(frozen)
     target_cols = {h for _, h in targets}
     delta = after.bos_mass - before.bos_mass
+    moved = drifted(before.bos_mass, after.bos_mass, targets, threshold)
     outside, frozen_drift, other = [], [], []
-    per_column = [0] * before.n_head
-    for l in range(before.n_layer):
-        for h in range(before.n_head):
-            if (l, h) in target_set or abs(delta[l, h]) <= threshold:
-                continue
-            per_column[h] += 1
-            item = {"head": key((l, h)), "delta_bos_mass": float(delta[l, h])}
-            if (l, h) in frozen_set:
-                frozen_drift.append(item)
-            elif h not in target_cols:
-                outside.append(item)
-            else:
-                other.append(item)
-    untouched = before.n_layer * before.n_head - len(target_set)
-    mask = np.ones(delta.shape, dtype=bool)
-    for l, h in target_set:
-        mask[l, h] = False
+    for l, h in zip(*np.nonzero(moved)):
+        l, h = int(l), int(h)
+        item = {"head": key((l, h)), "delta_bos_mass": float(delta[l, h])}
+        if (l, h) in frozen_set:
+            frozen_drift.append(item)
+        elif h not in target_cols:
+            outside.append(item)
+        else:
+            other.append(item)
+    untouched = untouched_mask(delta.shape, targets)
     return {
         "threshold": threshold,
-        "untouched_heads": untouched,
-        "drifted": len(outside) + len(frozen_drift) + len(other),
+        "untouched_heads": int(untouched.sum()),
+        "drifted": int(moved.sum()),
         "outside_target_columns": outside,
         "frozen_in_target_columns": frozen_drift,
         "other_in_target_columns": other,
-        "per_column": per_column,
-        "max_abs_delta": float(np.abs(delta[mask]).max()) if mask.any() else 0.0,
+        "per_column": [int(x) for x in moved.sum(axis=0)],
+        "max_abs_delta": float(np.abs(delta[untouched]).max()) if untouched.any() else 0.0,
     }
 
 

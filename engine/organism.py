@@ -22,6 +22,7 @@ from .arch import adapter_for
 from .atomic import atomic_write_text
 from .corpus import CorpusSpec, load_texts, pack_blocks, token_stream
 from .diagnosis import run_statistics
+from .evaluate import mean_loss, perplexity
 from .errors import InputError
 from .events import NullSink, PhaseChanged, Sink, StepMetrics
 from .loss import causal_lm_loss
@@ -149,18 +150,9 @@ def heldout_blocks(heldout: torch.Tensor, config: OrganismConfig, bos: int) -> t
     return blocks
 
 
-@torch.no_grad()
 def heldout_ppl(model, blocks: torch.Tensor, device, batch: int = 16) -> float:
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch):
-        ids = blocks[start : start + batch].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
-            loss = causal_lm_loss(model.lm_head, hidden, ids)
-        n = ids[:, 1:].numel()
-        total += float(loss) * n
-        count += n
-    return math.exp(total / count)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return perplexity(mean_loss(model, blocks, batch))
 
 
 def band_summary(report: HeadReport) -> dict:

@@ -18,7 +18,7 @@ from engine.corpus import CorpusSpec
 from engine.diagnosis import diagnose
 from engine.errors import HeadSurgeonError, InputError
 from engine.events import EvalMetrics, HeadRecovery, MultiSink, PhaseChanged, RunFailed, RunFinished, StepMetrics
-from engine.evaluate import EvalSettings
+from engine.evaluate import EvalSettings, drifted
 from engine.model import load_model, model_identity
 from engine.operation import SurgeryJob, run_job
 from engine.prompts import load_prompts
@@ -223,15 +223,10 @@ class HeadSurgeonApp(App[int]):
                           + (" - cancelled" if event.cancelled else ""))
 
     def _track_drift(self, bos_mass: list[list[float]]) -> None:
-        """Untouched heads whose BOS mass moved more than 0.05 from the diagnosis before the run."""
-        import numpy as np
-
-        if self.report is None:
-            return
-        moved = np.abs(np.asarray(bos_mass) - self.report.bos_mass) > 0.05
-        for layer, head in self.grid.data.targets:
-            moved[layer, head] = False
-        self.drift = int(moved.sum())
+        """Untouched heads whose BOS mass moved past the drift threshold since the diagnosis before the run."""
+        if self.report is not None:
+            moved = drifted(self.report.bos_mass, bos_mass, list(self.grid.data.targets), EvalSettings().drift_threshold)
+            self.drift = int(moved.sum())
 
     def _show_bos(self, bos_mass: list[list[float]]) -> None:
         """Recolour the grid from a BOS-mass grid (entropy from the last full diagnosis)."""
