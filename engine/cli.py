@@ -98,7 +98,8 @@ def cmd_organism(args) -> int:
             console.print(f"prepared {meta['tokens']:,} tokens from {meta['documents']} documents into {data_dir}")
         if args.prepare_only:
             return 0
-        record = train_organism(config, data_dir, args.out, device=args.device, sink=sink)
+        record = train_organism(config, data_dir, args.out, device=args.device, sink=sink,
+                                time_budget_s=args.time_budget)
     band = record["heldout_diagnosis"]
     console.print(
         f"held-out ppl {record['heldout_ppl']:.2f}; heads with BOS mass > 0.5: {band['heads_over_0.5']} "
@@ -111,7 +112,7 @@ def cmd_organism(args) -> int:
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", required=True,
                    help="text file, directory of text files, .jsonl/.parquet with a text column, hub dataset id, "
-                   "or python-stdlib")
+                   "python-stdlib or python-packages")
     p.add_argument("--corpus-config", help="hub dataset config (e.g. en for allenai/c4)")
     p.add_argument("--corpus-split", help="hub dataset split (e.g. validation)")
     p.add_argument("--text-column", default="text")
@@ -401,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: OUT-data)")
     p.add_argument("--prepare-only", action="store_true", help="only prepare the data (run training elsewhere)")
     p.add_argument("--corpus", default="python-stdlib",
-                   help="text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib (default)")
+                   help="text file, directory, .jsonl/.parquet, hub dataset id, python-stdlib (default: the "
+                   "running Python's standard library) or python-packages (the standard library and every "
+                   "installed package's sources)")
     p.add_argument("--corpus-config")
     p.add_argument("--corpus-split")
     p.add_argument("--vocab", type=int, default=4096)
@@ -415,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="fit the run into this many seconds: measure the step rate during warm-up and lower "
+                   "--steps to what fits (the record keeps the steps that reproduce the run)")
     p.add_argument("--no-alibi", action="store_true", help="control run: train with the ALiBi bias zeroed")
     p.add_argument("--device")
     p.set_defaults(func=cmd_organism)

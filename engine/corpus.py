@@ -10,17 +10,19 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".html", ".json", ".toml", ".cfg", ".ini", ".yaml", ".yml"}
 PYTHON_SOURCES = "python-stdlib"  # the running Python's own source tree (or python-stdlib/PKG): on every machine
+PYTHON_PACKAGES = "python-packages"  # the standard library plus every installed package's sources (or python-packages/PKG)
 
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """Where text comes from: a path, `python-stdlib`, or a hub dataset id with config and split."""
+    """Where text comes from: a path, `python-stdlib`, `python-packages`, or a hub dataset id with config and split."""
 
     source: str
     config: str | None = None
@@ -33,17 +35,32 @@ class CorpusSpec:
         return ":".join(parts)
 
 
-def python_source_files(package: str = "") -> list[str]:
-    """The running Python's standard-library `.py` files (its own tests included), sorted; `package`
-    narrows them to one sub-package (e.g. `json`)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p for p in (root / package).rglob("*.py")
-        if "site-packages" not in p.relative_to(root).parts
-    ]
+def python_source_files(package: str = "", installed: bool = False) -> list[str]:
+    """The running Python's standard-library `.py` files (its own tests included), sorted; with `installed`,
+    the `.py` files of every installed package (site-packages) too. `package` narrows them to one
+    (sub-)package, e.g. `json`."""
+    paths = sysconfig.get_paths()
+    stdlib = Path(paths["stdlib"])
+    roots = [stdlib] + ([Path(paths["purelib"]), Path(paths["platlib"])] if installed else [])
+    files: set[Path] = set()
+    for root in dict.fromkeys(r.resolve() for r in roots if r.is_dir()):
+        for p in (root / package).rglob("*.py"):
+            if root == stdlib.resolve() and "site-packages" in p.relative_to(root).parts:
+                continue  # installed packages are their own root (and only with `installed`)
+            if p.is_file():
+                files.add(p)
     if not files:
-        raise InputError(f"the standard library has no package {package!r}: write python-stdlib/NAME, e.g. python-stdlib/json")
+        name = PYTHON_PACKAGES if installed else PYTHON_SOURCES
+        raise InputError(f"no Python package {package!r} here: write {name}/NAME, e.g. {name}/json")
     return [str(p) for p in sorted(files)]
+
+
+def _python_corpus(source: str) -> tuple[str, bool] | None:
+    """(package, installed) when `source` names the running Python's sources, else None."""
+    for name, installed in ((PYTHON_SOURCES, False), (PYTHON_PACKAGES, True)):
+        if source == name or source.startswith(name + "/"):
+            return source[len(name) + 1:], installed
+    return None
 
 
 def _local_files(path: Path) -> list[str]:
@@ -60,9 +77,9 @@ def load_texts(spec: CorpusSpec) -> list[str]:
     source = spec.source
     path = Path(source).expanduser()
     try:
-        stdlib = source == PYTHON_SOURCES or source.startswith(PYTHON_SOURCES + "/")
-        if stdlib or path.is_dir():
-            files = python_source_files(source[len(PYTHON_SOURCES) + 1:]) if stdlib else _local_files(path)
+        python = _python_corpus(source)
+        if python or path.is_dir():
+            files = python_source_files(*python) if python else _local_files(path)
             ds = datasets.load_dataset("text", data_files=files, sample_by="document", encoding_errors="ignore", split="train")
             column = "text"
         elif path.is_file():
@@ -102,16 +119,15 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
-def token_stream(tokenizer, texts: list[str], batch: int = 256) -> torch.Tensor:
+def token_stream(tokenizer, texts: list[str], batch: int = 1024) -> torch.Tensor:
     """All documents as one 1-D stream, each followed by EOS when the tokenizer has one."""
     eos = tokenizer.eos_token_id
-    pieces: list[int] = []
+    tail = [eos] if eos is not None else []
+    pieces: list[np.ndarray] = []
     for start in range(0, len(texts), batch):
-        for ids in tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]:
-            pieces.extend(ids)
-            if eos is not None:
-                pieces.append(eos)
-    return torch.tensor(pieces, dtype=torch.long)
+        encoded = tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]
+        pieces.append(np.fromiter((t for ids in encoded for t in (*ids, *tail)), dtype=np.int64))
+    return torch.from_numpy(np.concatenate(pieces)) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 @dataclass

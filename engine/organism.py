@@ -12,7 +12,7 @@ import json
 import math
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from .tokenizer import train_bpe_tokenizer
 DATA_FILE = "tokens.safetensors"
 DATA_META = "data.json"
 RECORD_FILE = "organism.json"
+TOKENIZER_CHARS = 64_000_000  # more text than this gains the 4k-token BPE little and costs minutes
 
 
 @dataclass
@@ -64,27 +65,43 @@ class OrganismConfig:
 
 # --- stage 1: data -------------------------------------------------------------------------------------
 def prepare_data(spec: CorpusSpec, out_dir: str | Path, vocab_size: int = 4096, heldout_frac: float = 0.02,
-                 sink: Sink | None = None) -> dict:
+                 sink: Sink | None = None, tokenizer_chars: int = TOKENIZER_CHARS) -> dict:
     """Train the tokenizer on the corpus and write it with the tokenised stream into `out_dir`."""
+    sink = sink or NullSink()
+    sink.emit(PhaseChanged("prepare", f"reading {spec.describe()}"))
+    return prepare_texts(load_texts(spec), spec.describe(), out_dir, vocab_size, heldout_frac, sink, tokenizer_chars)
+
+
+def tokenizer_sample(texts: list[str], max_chars: int) -> list[str]:
+    """Every k-th document, k chosen so the sample holds about `max_chars` characters (all when fewer)."""
+    total = sum(map(len, texts))
+    stride = max(1, math.ceil(total / max(max_chars, 1)))
+    return texts[::stride]
+
+
+def prepare_texts(texts: list[str], description: str, out_dir: str | Path, vocab_size: int = 4096,
+                  heldout_frac: float = 0.02, sink: Sink | None = None, tokenizer_chars: int = TOKENIZER_CHARS) -> dict:
+    """`prepare_data` for documents already read: the tokenizer is trained on an evenly spread sample of at
+    most about `tokenizer_chars` characters; the last `heldout_frac` of the token stream is held out."""
     from safetensors.torch import save_file
 
     sink = sink or NullSink()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sink.emit(PhaseChanged("prepare", f"reading {spec.describe()}"))
-    texts = load_texts(spec)
-    sink.emit(PhaseChanged("prepare", f"training a {vocab_size}-token BPE on {len(texts)} documents"))
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    sample = tokenizer_sample(texts, tokenizer_chars)
+    sink.emit(PhaseChanged("prepare", f"training a {vocab_size}-token BPE on {len(sample)} of {len(texts)} documents"))
+    tokenizer = train_bpe_tokenizer(sample, vocab_size=vocab_size)
     sink.emit(PhaseChanged("prepare", "tokenising"))
     stream = token_stream(tokenizer, texts)
     n_held = max(int(len(stream) * heldout_frac), 1)
     if len(stream) - n_held < 4 * 512:
-        raise InputError(f"corpus {spec.describe()!r} gives only {len(stream)} tokens: give more text")
+        raise InputError(f"corpus {description!r} gives only {len(stream)} tokens: give more text")
     tokenizer.save_pretrained(out)
     dtype = torch.int16 if len(tokenizer) < 2**15 else torch.int32
     save_file({"train": stream[:-n_held].to(dtype).contiguous(), "heldout": stream[-n_held:].to(dtype).contiguous()}, out / DATA_FILE)
-    meta = {"corpus": spec.describe(), "documents": len(texts), "characters": sum(map(len, texts)),
-            "tokens": len(stream), "heldout_tokens": n_held, "vocab_size": len(tokenizer)}
+    meta = {"corpus": description, "documents": len(texts), "characters": sum(map(len, texts)),
+            "tokenizer_documents": len(sample), "tokens": len(stream), "heldout_tokens": n_held,
+            "vocab_size": len(tokenizer)}
     atomic_write_text(out / DATA_META, json.dumps(meta, indent=1))
     return meta
 
@@ -171,11 +188,23 @@ def band_summary(report: HeadReport) -> dict:
     }
 
 
+def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, rate_steps_per_s: float,
+                   budget_s: float) -> int:
+    """Total steps that fit `budget_s` at the measured rate (never more than `config.steps`, never fewer
+    than are done)."""
+    remaining = max(budget_s - elapsed_s, 0.0)
+    return max(steps_done + 1, min(config.steps, steps_done + int(remaining * rate_steps_per_s)))
+
+
 def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | Path | None, *, device=None,
-                   sink: Sink | None = None, cancelled=lambda: False, time_limit_s: float | None = None) -> dict:
+                   sink: Sink | None = None, cancelled=lambda: False, time_limit_s: float | None = None,
+                   time_budget_s: float | None = None) -> dict:
     """Pretrain, diagnose on held-out text, save (bf16) and return the run record.
 
-    `time_limit_s` stops pretraining early (recorded as `stopped_early`) so a run fits a machine lease."""
+    `time_budget_s` sizes the run to a machine lease: the step rate is measured during warm-up (before the
+    cosine schedule depends on the total), and `steps` is lowered to what fits; the record then holds the
+    steps that reproduce the run. `time_limit_s` simply stops pretraining early (recorded as `stopped_early`)."""
+    from .fastpath import fast_kernels
     from .runtime import resolve_device
 
     sink = sink or NullSink()
@@ -192,29 +221,43 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
     )
     gen = torch.Generator().manual_seed(config.seed)
     sink.emit(PhaseChanged("pretrain", f"{sum(p.numel() for p in model.parameters())/1e6:.2f}M parameters on {dev}"))
+    probe_from, probe_to = min(10, config.warmup // 4), max(1, config.warmup // 2)
     t0 = time.perf_counter()
+    t_probe = t0
     step, loss_value = 0, float("nan")
-    for step in range(config.steps):
-        if cancelled() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
-            step -= 1
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
-        ids = crops(train, config.batch_size, config.seq_len - 1, bos, gen).to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
-            loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == config.steps - 1:
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
-            elapsed = time.perf_counter() - t0
-            sink.emit(StepMetrics(step + 1, config.steps, loss_value, lr_at(step, config), float(grad_norm),
-                                  (step + 1) * ids.numel() / elapsed, elapsed))
+    with fast_kernels(model, adapter_for(model)):
+        while step < config.steps:
+            if cancelled() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, config)
+            ids = crops(train, config.batch_size, config.seq_len - 1, bos, gen).to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
+                loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if time_budget_s is not None and step in (probe_from, probe_to):
+                float(loss.detach())  # wait for the GPU, so the clock measures the steps themselves
+                now = time.perf_counter()
+                if step == probe_from:
+                    t_probe = now
+                else:
+                    rate = (probe_to - probe_from) / max(now - t_probe, 1e-9)
+                    config = replace(config, steps=budgeted_steps(config, step, now - t0, rate, time_budget_s))
+                    sink.emit(PhaseChanged("pretrain", f"{rate:.1f} steps/s: {config.steps} steps fit the "
+                                                       f"{time_budget_s:.0f} s budget"))
+            if step % 50 == 1 or step == config.steps:
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
+                elapsed = time.perf_counter() - t0
+                sink.emit(StepMetrics(step, config.steps, loss_value, lr_at(step - 1, config), float(grad_norm),
+                                      step * ids.numel() / elapsed, elapsed))
+    step -= 1  # index of the last step taken
     train_seconds = time.perf_counter() - t0
     model.eval()
     blocks = heldout_blocks(heldout, config, bos)

@@ -1,13 +1,19 @@
 """Train several organism variants side by side on one GPU (each its own process), then pick the one
 that meets the shipping criteria. Used to make the bundled model; see docs/organism.md.
 
-    python scripts/organism_sweep.py --data DATA_DIR --out RUNS_DIR --variant NAME
+    python scripts/organism_sweep.py --data DATA_DIR --out RUNS_DIR --variant NAME [--time-budget S]
+    python scripts/organism_sweep.py --prepare-packages DATA_DIR
+
+`--prepare-packages` writes the same data as `head-surgeon organism --corpus python-packages --prepare-only`,
+reading the files with plain `open` (identical text to `datasets`' document-wise text builder, checked on
+the standard library) for GPU machines that have no `datasets`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.events import PhaseChanged, StepMetrics  # noqa: E402
-from engine.organism import OrganismConfig, train_organism  # noqa: E402
+from engine.corpus import PYTHON_PACKAGES, python_source_files  # noqa: E402
+from engine.organism import OrganismConfig, prepare_texts, train_organism  # noqa: E402
 
 VARIANTS = {
     "A": dict(layers=6, lr=6e-4, weight_decay=0.1),
@@ -28,6 +35,11 @@ VARIANTS = {
     "E": dict(layers=6, lr=2e-3, weight_decay=0.3),
     "F": dict(layers=6, lr=1e-3, weight_decay=0.3, batch_size=16),
     "G": dict(layers=8, lr=1e-3, weight_decay=1.0, batch_size=16),
+    # session 3: the same recipes on python-packages (10x+ more distinct text: no more 10-epoch memorising)
+    "H": dict(layers=6, lr=1e-3, weight_decay=0.3),
+    "I": dict(layers=6, lr=2e-3, weight_decay=0.3),
+    "J": dict(layers=6, heads=32, lr=1e-3, weight_decay=0.3),
+    "K": dict(layers=6, lr=2e-3, weight_decay=1.0),
 }
 
 
@@ -42,15 +54,33 @@ class PrintSink:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    ap.add_argument("--prepare-packages", metavar="DATA_DIR")
+    ap.add_argument("--max-chars", type=int, default=None, help="with --prepare-packages: keep every k-th file")
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    ap.add_argument("--variant", choices=sorted(VARIANTS))
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--time-limit", type=float, default=None)
+    ap.add_argument("--time-budget", type=float, default=None)
     args = ap.parse_args()
+    if args.prepare_packages:
+        t0 = time.time()
+        files = python_source_files(installed=True)
+        texts = [t for t in (open(f, encoding="utf-8", errors="ignore").read() for f in files) if t.strip()]
+        description = PYTHON_PACKAGES
+        stride = math.ceil(sum(map(len, texts)) / args.max_chars) if args.max_chars else 1
+        if stride > 1:  # every k-th document: bounds the preparation time on a machine with many packages
+            texts = texts[::stride]
+            description += f", every {stride}th document"
+        meta = prepare_texts(texts, description, args.prepare_packages, sink=PrintSink())
+        print(json.dumps({**meta, "wall_s": round(time.time() - t0)}), flush=True)
+        return
+    if not (args.data and args.out and args.variant):
+        ap.error("--data, --out and --variant are required to train")
     config = OrganismConfig(steps=args.steps, **VARIANTS[args.variant])
     t0 = time.time()
-    record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(), time_limit_s=args.time_limit)
+    record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(),
+                            time_limit_s=args.time_limit, time_budget_s=args.time_budget)
     print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
                       **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)
 
