@@ -53,3 +53,33 @@ def test_organism_command_end_to_end_is_deterministic(tmp_path):
     assert json.loads((tmp_path / "run0" / "organism.json").read_text())["config"]["seed"] == 0
     tok = load_model(str(tmp_path / "run0")).tokenizer
     assert tok("x")["input_ids"][0] == tok.bos_token_id
+
+
+def test_python_packages_corpus_is_the_stdlib_plus_installed_sources():
+    from engine.corpus import _python_corpus, python_source_files
+
+    stdlib, everything = python_source_files(), python_source_files(installed=True)
+    assert set(stdlib) < set(everything)
+    assert not any("site-packages" in f for f in stdlib)
+    assert any(f.endswith("/torch/__init__.py") for f in everything)
+    assert _python_corpus("python-packages/torch") == ("torch", True)
+    assert _python_corpus("python-stdlib/json") == ("json", False)
+    assert _python_corpus("./python-packages") is None
+
+
+def test_tokenizer_sample_is_evenly_spread_and_bounded():
+    from engine.organism import tokenizer_sample
+
+    texts = [f"{i:04d}" * 25 for i in range(100)]  # 100 chars each
+    assert tokenizer_sample(texts, 10**6) == texts
+    sample = tokenizer_sample(texts, 2_500)
+    assert sample == texts[::4] and sum(map(len, sample)) <= 2_500
+
+
+def test_budgeted_steps_fit_the_budget_and_never_exceed_the_plan():
+    from engine.organism import budgeted_steps
+
+    config = OrganismConfig(steps=10_000)
+    assert budgeted_steps(config, 100, 10.0, 20.0, 110.0) == 100 + 2_000
+    assert budgeted_steps(config, 100, 10.0, 1_000.0, 110.0) == 10_000
+    assert budgeted_steps(config, 100, 200.0, 20.0, 110.0) == 101  # already over budget: stop next step
