@@ -72,11 +72,14 @@ def prepare_data(spec: CorpusSpec, out_dir: str | Path, vocab_size: int = 4096, 
     return prepare_texts(load_texts(spec), spec.describe(), out_dir, vocab_size, heldout_frac, sink, tokenizer_chars)
 
 
+def sample_stride(texts: list[str], max_chars: int) -> int:
+    """k such that every k-th document holds about `max_chars` characters (1 when all of them fit)."""
+    return max(1, math.ceil(sum(map(len, texts)) / max(max_chars, 1)))
+
+
 def tokenizer_sample(texts: list[str], max_chars: int) -> list[str]:
     """Every k-th document, k chosen so the sample holds about `max_chars` characters (all when fewer)."""
-    total = sum(map(len, texts))
-    stride = max(1, math.ceil(total / max(max_chars, 1)))
-    return texts[::stride]
+    return texts[:: sample_stride(texts, max_chars)]
 
 
 def prepare_texts(texts: list[str], description: str, out_dir: str | Path, vocab_size: int = 4096,

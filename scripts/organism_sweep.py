@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.events import PhaseChanged, StepMetrics  # noqa: E402
 from engine.corpus import PYTHON_PACKAGES, python_source_files  # noqa: E402
-from engine.organism import OrganismConfig, prepare_texts, train_organism  # noqa: E402
+from engine.organism import OrganismConfig, prepare_texts, sample_stride, train_organism  # noqa: E402
 
 VARIANTS = {
     "A": dict(layers=6, lr=6e-4, weight_decay=0.1),
@@ -68,7 +67,7 @@ def main() -> None:
         files = python_source_files(installed=True)
         texts = [t for t in (open(f, encoding="utf-8", errors="ignore").read() for f in files) if t.strip()]
         description = PYTHON_PACKAGES
-        stride = math.ceil(sum(map(len, texts)) / args.max_chars) if args.max_chars else 1
+        stride = sample_stride(texts, args.max_chars) if args.max_chars else 1
         if stride > 1:  # every k-th document: bounds the preparation time on a machine with many packages
             texts = texts[::stride]
             description += f", every {stride}th document"
