@@ -99,7 +99,7 @@ def cmd_organism(args) -> int:
         if args.prepare_only:
             return 0
         record = train_organism(config, data_dir, args.out, device=args.device, sink=sink,
-                                time_budget_s=args.time_budget)
+                                time_budget_s=args.time_budget, probe_every=args.probe_every)
     band = record["heldout_diagnosis"]
     console.print(
         f"held-out ppl {record['heldout_ppl']:.2f}; heads with BOS mass > 0.5: {band['heads_over_0.5']} "
@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="fit the run into this many seconds: measure the step rate during warm-up and lower "
                    "--steps to what fits (the record keeps the steps that reproduce the run)")
+    p.add_argument("--probe-every", type=int, metavar="N",
+                   help="every N steps, diagnose a few held-out blocks and show (and record) where the band stands")
     p.add_argument("--no-alibi", action="store_true", help="control run: train with the ALiBi bias zeroed")
     p.add_argument("--device")
     p.set_defaults(func=cmd_organism)

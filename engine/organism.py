@@ -33,6 +33,7 @@ DATA_FILE = "tokens.safetensors"
 DATA_META = "data.json"
 RECORD_FILE = "organism.json"
 TOKENIZER_CHARS = 64_000_000  # more text than this gains the 4k-token BPE little and costs minutes
+PROBE_BLOCKS = 8  # held-out blocks per mid-pretraining band probe: a reading, not the final diagnosis
 
 
 @dataclass
@@ -191,6 +192,15 @@ def band_summary(report: HeadReport) -> dict:
     }
 
 
+def band_probe(model, adapter, blocks: torch.Tensor, step: int, train_loss: float) -> dict:
+    """A quick band reading mid-pretraining (a few held-out blocks): where the collapse stands at `step`."""
+    stats, _ = run_statistics(model, adapter, blocks.tolist(), batch_size=len(blocks))
+    bos = stats["bos_mass"]
+    half = bos.shape[1] // 2
+    return {"step": step, "train_loss": round(train_loss, 4), "heads_over_0.5": int((bos > 0.5).sum()),
+            "mean_bos_upper_half": round(float(bos[:, half:].mean()), 4), "max_bos": round(float(bos.max()), 4)}
+
+
 def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, rate_steps_per_s: float,
                    budget_s: float) -> int:
     """Total steps that fit `budget_s` at the measured rate (never more than `config.steps`, never fewer
@@ -201,12 +211,14 @@ def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, ra
 
 def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | Path | None, *, device=None,
                    sink: Sink | None = None, cancelled=lambda: False, time_limit_s: float | None = None,
-                   time_budget_s: float | None = None) -> dict:
+                   time_budget_s: float | None = None, probe_every: int | None = None) -> dict:
     """Pretrain, diagnose on held-out text, save (bf16) and return the run record.
 
     `time_budget_s` sizes the run to a machine lease: the step rate is measured during warm-up (before the
     cosine schedule depends on the total), and `steps` is lowered to what fits; the record then holds the
-    steps that reproduce the run. `time_limit_s` simply stops pretraining early (recorded as `stopped_early`)."""
+    steps that reproduce the run. `time_limit_s` simply stops pretraining early (recorded as `stopped_early`).
+    `probe_every` N diagnoses the first few held-out blocks every N steps, so the record's `trajectory` shows
+    how the band emerges."""
     from .fastpath import fast_kernels
     from .runtime import resolve_device
 
@@ -225,48 +237,60 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
     gen = torch.Generator().manual_seed(config.seed)
     sink.emit(PhaseChanged("pretrain", f"{sum(p.numel() for p in model.parameters())/1e6:.2f}M parameters on {dev}"))
     probe_from, probe_to = min(10, config.warmup // 4), max(1, config.warmup // 2)
+    probe_blocks = heldout_blocks(heldout, config, bos)[:PROBE_BLOCKS] if probe_every else None
+    trajectory: list[dict] = []
+    adapter = adapter_for(model)
     t0 = time.perf_counter()
     t_probe = t0
-    step, loss_value = 0, float("nan")
-    with fast_kernels(model, adapter_for(model)):
-        while step < config.steps:
-            if cancelled() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, config)
-            ids = crops(train, config.batch_size, config.seq_len - 1, bos, gen).to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
-                loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if time_budget_s is not None and step in (probe_from, probe_to):
-                float(loss.detach())  # wait for the GPU, so the clock measures the steps themselves
-                now = time.perf_counter()
-                if step == probe_from:
-                    t_probe = now
-                else:
-                    rate = (probe_to - probe_from) / max(now - t_probe, 1e-9)
-                    config = replace(config, steps=budgeted_steps(config, step, now - t0, rate, time_budget_s))
-                    sink.emit(PhaseChanged("pretrain", f"{rate:.1f} steps/s: {config.steps} steps fit the "
-                                                       f"{time_budget_s:.0f} s budget"))
-            if step % 50 == 1 or step == config.steps:
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
-                elapsed = time.perf_counter() - t0
-                sink.emit(StepMetrics(step, config.steps, loss_value, lr_at(step - 1, config), float(grad_norm),
-                                      step * ids.numel() / elapsed, elapsed))
+    step, loss_value, stop = 0, float("nan"), False
+    while step < config.steps and not stop:
+        # Pretraining runs on the fast kernels; a band probe needs the attention probabilities, so it runs
+        # outside them, between segments.
+        segment_end = min(config.steps, (step // probe_every + 1) * probe_every) if probe_every else config.steps
+        with fast_kernels(model, adapter):
+            while step < min(segment_end, config.steps):
+                if cancelled() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
+                    stop = True
+                    break
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, config)
+                ids = crops(train, config.batch_size, config.seq_len - 1, bos, gen).to(dev, non_blocking=True)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
+                    loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if time_budget_s is not None and step in (probe_from, probe_to):
+                    float(loss.detach())  # wait for the GPU, so the clock measures the steps themselves
+                    now = time.perf_counter()
+                    if step == probe_from:
+                        t_probe = now
+                    else:
+                        rate = (probe_to - probe_from) / max(now - t_probe, 1e-9)
+                        config = replace(config, steps=budgeted_steps(config, step, now - t0, rate, time_budget_s))
+                        sink.emit(PhaseChanged("pretrain", f"{rate:.1f} steps/s: {config.steps} steps fit the "
+                                                           f"{time_budget_s:.0f} s budget"))
+                if step % 50 == 1 or step == config.steps:
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
+                    elapsed = time.perf_counter() - t0
+                    sink.emit(StepMetrics(step, config.steps, loss_value, lr_at(step - 1, config), float(grad_norm),
+                                          step * ids.numel() / elapsed, elapsed))
+        if probe_blocks is not None and not stop and step % probe_every == 0 and step < config.steps:
+            point = band_probe(model, adapter, probe_blocks, step, float(loss.detach()))
+            trajectory.append(point)
+            sink.emit(PhaseChanged("probe", f"step {step}: {point['heads_over_0.5']} heads with BOS mass > 0.5, "
+                                            f"upper-half mean {point['mean_bos_upper_half']:.3f}"))
     step -= 1  # index of the last step taken
     train_seconds = time.perf_counter() - t0
     model.eval()
     blocks = heldout_blocks(heldout, config, bos)
     ppl = heldout_ppl(model, blocks, dev)
     sink.emit(PhaseChanged("diagnose", f"held-out perplexity {ppl:.2f}"))
-    adapter = adapter_for(model)
     stats, n_tokens = run_statistics(model, adapter, blocks.tolist(), batch_size=8)
     report = HeadReport(model=str(out_dir or "organism"), n_layer=adapter.n_layer, n_head=adapter.n_head,
                         slopes=adapter.slopes, n_prompts=len(blocks), n_tokens=n_tokens, **stats)
@@ -283,6 +307,8 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
         "heldout_diagnosis": band_summary(report),
         "bos_mass": np.round(report.bos_mass, 4).tolist(),
     }
+    if probe_every:
+        record["trajectory"] = trajectory
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

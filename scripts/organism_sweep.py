@@ -39,6 +39,13 @@ VARIANTS = {
     "I": dict(layers=6, lr=2e-3, weight_decay=0.3),
     "J": dict(layers=6, heads=32, lr=1e-3, weight_decay=0.3),
     "K": dict(layers=6, lr=2e-3, weight_decay=1.0),
+    # session 4: more heads per width, a higher lr, a bigger batch, and fewer (wider) layers under the 16 MiB cap
+    "J2": dict(layers=6, heads=32, lr=2e-3, weight_decay=0.3),
+    "M": dict(layers=6, lr=3e-3, weight_decay=0.3),
+    "P": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=64),
+    "N3": dict(layers=3, hidden=384, lr=2e-3, weight_decay=0.3),
+    "N4": dict(layers=4, lr=2e-3, weight_decay=0.3),
+    "N4w": dict(layers=4, hidden=320, lr=2e-3, weight_decay=0.3),
 }
 
 
@@ -47,7 +54,7 @@ class PrintSink:
         if isinstance(event, StepMetrics) and event.step % 250 in (0, 1):
             print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} {event.tokens_per_s:,.0f} tok/s "
                   f"{event.elapsed_s:.0f}s", flush=True)
-        elif isinstance(event, PhaseChanged):
+        elif isinstance(event, PhaseChanged):  # includes the band probes
             print(f"[{event.phase}] {event.detail}", flush=True)
 
 
@@ -61,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--time-limit", type=float, default=None)
     ap.add_argument("--time-budget", type=float, default=None)
+    ap.add_argument("--probe-every", type=int, default=None)
     args = ap.parse_args()
     if args.prepare_packages:
         t0 = time.time()
@@ -79,7 +87,8 @@ def main() -> None:
     config = OrganismConfig(steps=args.steps, **VARIANTS[args.variant])
     t0 = time.time()
     record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(),
-                            time_limit_s=args.time_limit, time_budget_s=args.time_budget)
+                            time_limit_s=args.time_limit, time_budget_s=args.time_budget,
+                            probe_every=args.probe_every)
     print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
                       **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)
 

@@ -55,6 +55,21 @@ def test_organism_command_end_to_end_is_deterministic(tmp_path):
     assert tok("x")["input_ids"][0] == tok.bos_token_id
 
 
+def test_band_probes_record_the_trajectory_without_changing_the_run(tmp_path):
+    data = tmp_path / "data"
+    prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
+    config = OrganismConfig(layers=2, heads=4, hidden=32, seq_len=32, batch_size=4, steps=7, warmup=2, eval_blocks=4)
+    plain = train_organism(config, data, None)
+    probed = train_organism(config, data, None, probe_every=3)
+    assert "trajectory" not in plain
+    assert [p["step"] for p in probed["trajectory"]] == [3, 6]  # the final diagnosis covers step 7
+    for point in probed["trajectory"]:
+        assert 0.0 <= point["mean_bos_upper_half"] <= point["max_bos"] <= 1.0
+        assert 0 <= point["heads_over_0.5"] <= 8 and np.isfinite(point["train_loss"])
+    # probing is read-only: same training, same final diagnosis
+    assert probed["bos_mass"] == plain["bos_mass"] and probed["heldout_ppl"] == plain["heldout_ppl"]
+
+
 def test_python_packages_corpus_is_the_stdlib_plus_installed_sources():
     from engine.corpus import _python_corpus, python_source_files
 
