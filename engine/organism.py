@@ -21,6 +21,7 @@ import torch
 from .arch import adapter_for
 from .atomic import atomic_write_text
 from .corpus import CorpusSpec, load_texts, pack_blocks, token_stream
+from .data_parallel import DataParallel
 from .diagnosis import run_statistics
 from .evaluate import mean_loss, perplexity
 from .errors import InputError
@@ -218,12 +219,26 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
     cosine schedule depends on the total), and `steps` is lowered to what fits; the record then holds the
     steps that reproduce the run. `time_limit_s` simply stops pretraining early (recorded as `stopped_early`).
     `probe_every` N diagnoses the first few held-out blocks every N steps, so the record's `trajectory` shows
-    how the band emerges."""
-    from .fastpath import fast_kernels
+    how the band emerges.
+
+    Started by `torchrun --nproc-per-node N`, the run is data-parallel: `batch_size` is the global batch,
+    rank 0 reports and saves, and the result equals the single-process run up to summation order."""
     from .runtime import resolve_device
 
-    sink = sink or NullSink()
     dev = resolve_device(device)
+    dp = DataParallel.from_env(dev.type)
+    try:
+        return _train_organism(config, data_dir, out_dir, dp.device(dev), dp, sink if dp.is_main else None,
+                               cancelled, time_limit_s, time_budget_s, probe_every)
+    finally:
+        dp.close()
+
+
+def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device, dp: DataParallel, sink,
+                    cancelled, time_limit_s, time_budget_s, probe_every) -> dict:
+    from .fastpath import fast_kernels
+
+    sink = sink or NullSink()
     tokenizer, train, heldout = load_data(data_dir)
     bos = tokenizer.bos_token_id
     model = build_model(config, tokenizer).to(dev)
@@ -234,8 +249,10 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(config.beta1, config.beta2), fused=dev.type == "cuda",
     )
-    gen = torch.Generator().manual_seed(config.seed)
-    sink.emit(PhaseChanged("pretrain", f"{sum(p.numel() for p in model.parameters())/1e6:.2f}M parameters on {dev}"))
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(config.seed)  # the same on every rank: each takes its rows of one batch
+    where = f"{dp.world} x {dev.type}" if dp.world > 1 else str(dev)
+    sink.emit(PhaseChanged("pretrain", f"{sum(p.numel() for p in params)/1e6:.2f}M parameters on {where}"))
     probe_from, probe_to = min(10, config.warmup // 4), max(1, config.warmup // 2)
     probe_blocks = heldout_blocks(heldout, config, bos)[:PROBE_BLOCKS] if probe_every else None
     trajectory: list[dict] = []
@@ -249,17 +266,20 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
         segment_end = min(config.steps, (step // probe_every + 1) * probe_every) if probe_every else config.steps
         with fast_kernels(model, adapter):
             while step < min(segment_end, config.steps):
-                if cancelled() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
-                    stop = True
+                if dp.world == 1 or step % 50 == 0:  # ranks decide together, at steps that sync anyway
+                    stop = dp.any(cancelled() or (time_limit_s is not None
+                                                  and time.perf_counter() - t0 > time_limit_s), dev)
+                if stop:
                     break
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, config)
-                ids = crops(train, config.batch_size, config.seq_len - 1, bos, gen).to(dev, non_blocking=True)
+                ids = dp.shard(crops(train, config.batch_size, config.seq_len - 1, bos, gen)).to(dev, non_blocking=True)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                     hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
                     loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                dp.average_gradients(params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -270,18 +290,19 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
                         t_probe = now
                     else:
                         rate = (probe_to - probe_from) / max(now - t_probe, 1e-9)
-                        config = replace(config, steps=budgeted_steps(config, step, now - t0, rate, time_budget_s))
+                        steps = dp.min_int(budgeted_steps(config, step, now - t0, rate, time_budget_s), dev)
+                        config = replace(config, steps=steps)
                         sink.emit(PhaseChanged("pretrain", f"{rate:.1f} steps/s: {config.steps} steps fit the "
                                                            f"{time_budget_s:.0f} s budget"))
                 if step % 50 == 1 or step == config.steps:
-                    loss_value = float(loss.detach())
+                    loss_value = float(dp.mean(loss.detach()))
                     if not math.isfinite(loss_value):
                         raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
                     elapsed = time.perf_counter() - t0
                     sink.emit(StepMetrics(step, config.steps, loss_value, lr_at(step - 1, config), float(grad_norm),
-                                          step * ids.numel() / elapsed, elapsed))
+                                          step * ids.numel() * dp.world / elapsed, elapsed))
         if probe_blocks is not None and not stop and step % probe_every == 0 and step < config.steps:
-            point = band_probe(model, adapter, probe_blocks, step, float(loss.detach()))
+            point = band_probe(model, adapter, probe_blocks, step, float(dp.mean(loss.detach())))
             trajectory.append(point)
             sink.emit(PhaseChanged("probe", f"step {step}: {point['heads_over_0.5']} heads with BOS mass > 0.5, "
                                             f"upper-half mean {point['mean_bos_upper_half']:.3f}"))
@@ -302,14 +323,14 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
         "train_seconds": round(train_seconds, 1),
         "final_train_loss": loss_value,
         "heldout_ppl": ppl,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "device": (f"{dp.world} x " if dp.world > 1 else "") + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "heldout_diagnosis": band_summary(report),
         "bos_mass": np.round(report.bos_mass, 4).tolist(),
     }
     if probe_every:
         record["trajectory"] = trajectory
-    if out_dir is not None:
+    if out_dir is not None and dp.is_main:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if config.alibi:  # a no-ALiBi control would silently regain ALiBi when reloaded: keep only its record

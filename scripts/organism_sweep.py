@@ -3,6 +3,7 @@ that meets the shipping criteria. Used to make the bundled model; see docs/organ
 
     python scripts/organism_sweep.py --data DATA_DIR --out RUNS_DIR --variant NAME [--time-budget S]
     python scripts/organism_sweep.py --prepare-packages DATA_DIR
+    torchrun --standalone --nproc-per-node 4 scripts/organism_sweep.py ...   (one run, data-parallel)
 
 `--prepare-packages` writes the same data as `head-surgeon organism --corpus python-packages --prepare-only`,
 reading the files with plain `open` (identical text to `datasets`' document-wise text builder, checked on
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,9 @@ VARIANTS = {
     "N3": dict(layers=3, hidden=384, lr=2e-3, weight_decay=0.3),
     "N4": dict(layers=4, lr=2e-3, weight_decay=0.3),
     "N4w": dict(layers=4, hidden=320, lr=2e-3, weight_decay=0.3),
+    # data-parallel over 4 GPUs (torchrun): four times the tokens of I per step, in the same wall time
+    "Q": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=128),
+    "Q-noalibi": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=128, alibi=False),
 }
 
 
@@ -89,8 +94,9 @@ def main() -> None:
     record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(),
                             time_limit_s=args.time_limit, time_budget_s=args.time_budget,
                             probe_every=args.probe_every)
-    print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
-                      **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
+                          **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)
 
 
 if __name__ == "__main__":

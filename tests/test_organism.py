@@ -70,6 +70,33 @@ def test_band_probes_record_the_trajectory_without_changing_the_run(tmp_path):
     assert probed["bos_mass"] == plain["bos_mass"] and probed["heldout_ppl"] == plain["heldout_ppl"]
 
 
+def test_data_parallel_pretraining_matches_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "data"
+    prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
+    recipe = dict(layers=2, heads=4, hidden=32, seq_len=32, batch_size=4, steps=5, warmup=2, lr=1e-2)
+    single = train_organism(OrganismConfig(**recipe), data, tmp_path / "single")
+    half = train_organism(OrganismConfig(**{**recipe, "batch_size": 2}), data, tmp_path / "half")
+    cli = ["--layers", "2", "--heads", "4", "--hidden", "32", "--seq-len", "32", "--batch-size", "4", "--steps", "5",
+           "--warmup", "2", "--weight-decay", "0.1", "--lr", "1e-2", "--device", "cpu"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "engine.cli", "organism", "--out", str(tmp_path / "ddp"), "--data", str(data), *cli],
+                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
+    record = json.loads((tmp_path / "ddp" / "organism.json").read_text())
+    assert record["device"] == "2 x cpu" and record["steps_done"] == 5
+    a, b, c = (AutoModelForCausalLM.from_pretrained(tmp_path / run).state_dict() for run in ("single", "ddp", "half"))
+    gap = max(float((b[k].float() - a[k].float()).abs().max()) for k in a)
+    wrong = max(float((c[k].float() - a[k].float()).abs().max()) for k in a)
+    # two ranks with two rows each train like one process with four rows (the saved bf16 weights differ by at
+    # most a rounding step), and not like one process with two rows
+    assert gap <= 2e-3 < 0.02 <= wrong
+    assert abs(record["heldout_ppl"] / single["heldout_ppl"] - 1) < 1e-4 < abs(half["heldout_ppl"] / single["heldout_ppl"] - 1)
+
+
 def test_python_packages_corpus_is_the_stdlib_plus_installed_sources():
     from engine.corpus import _python_corpus, python_source_files
 
