@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import HeadSurgeonError
+from .errors import HeadSurgeonError, InputError
 
 
 def _quiet_libraries() -> None:
@@ -92,6 +92,9 @@ def cmd_organism(args) -> int:
         alibi=not args.no_alibi,
     )
     data_dir = Path(args.data) if args.data else Path(f"{args.out.rstrip('/')}-data")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and not (data_dir / DATA_FILE).is_file():  # ranks would all write the same files at once
+        raise InputError(f"no prepared data in {data_dir}: run once without torchrun with --prepare-only first")
     with ConsoleSink(console) as sink:
         if not (data_dir / DATA_FILE).is_file():
             meta = prepare_data(CorpusSpec(args.corpus, args.corpus_config, args.corpus_split), data_dir, args.vocab, sink=sink)
@@ -100,6 +103,8 @@ def cmd_organism(args) -> int:
             return 0
         record = train_organism(config, data_dir, args.out, device=args.device, sink=sink,
                                 time_budget_s=args.time_budget, probe_every=args.probe_every)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     band = record["heldout_diagnosis"]
     console.print(
         f"held-out ppl {record['heldout_ppl']:.2f}; heads with BOS mass > 0.5: {band['heads_over_0.5']} "
@@ -251,7 +256,6 @@ def cmd_replay(args) -> int:
     from rich.console import Console
 
     from .diagnosis import diagnose
-    from .errors import InputError
     from .operation import SurgeryJob
     from .prompts import load_prompts
     from .session import Session

@@ -24,7 +24,7 @@ class DataParallel:
     owns_group: bool = False
 
     @classmethod
-    def from_env(cls, device_type: str) -> "DataParallel":
+    def from_env(cls, device_type: str) -> DataParallel:
         """One rank per process from torchrun's environment; a plain process is a world of one."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:

@@ -323,7 +323,8 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
         "train_seconds": round(train_seconds, 1),
         "final_train_loss": loss_value,
         "heldout_ppl": ppl,
-        "device": (f"{dp.world} x " if dp.world > 1 else "") + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
+        "device": (f"{dp.world} x " if dp.world > 1 else "")
+        + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "heldout_diagnosis": band_summary(report),
         "bos_mass": np.round(report.bos_mass, 4).tolist(),
