@@ -83,6 +83,7 @@ def cmd_organism(args) -> int:
 
     from .console import ConsoleSink
     from .corpus import CorpusSpec
+    from .data_parallel import is_main_process, launched_world_size
     from .organism import DATA_FILE, OrganismConfig, prepare_data, train_organism
 
     console = Console()
@@ -92,8 +93,7 @@ def cmd_organism(args) -> int:
         alibi=not args.no_alibi,
     )
     data_dir = Path(args.data) if args.data else Path(f"{args.out.rstrip('/')}-data")
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    if ranks > 1 and not (data_dir / DATA_FILE).is_file():  # ranks would all write the same files at once
+    if launched_world_size() > 1 and not (data_dir / DATA_FILE).is_file():  # ranks would all write the same files at once
         raise InputError(f"no prepared data in {data_dir}: run once without torchrun with --prepare-only first")
     with ConsoleSink(console) as sink:
         if not (data_dir / DATA_FILE).is_file():
@@ -103,7 +103,7 @@ def cmd_organism(args) -> int:
             return 0
         record = train_organism(config, data_dir, args.out, device=args.device, sink=sink,
                                 time_budget_s=args.time_budget, probe_every=args.probe_every)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     band = record["heldout_diagnosis"]
     console.print(

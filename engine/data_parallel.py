@@ -16,6 +16,16 @@ import torch.distributed as dist
 from .errors import InputError
 
 
+def launched_world_size() -> int:
+    """Number of ranks torchrun started (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """False on every torchrun rank but 0: the ones that stay quiet."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class DataParallel:
     rank: int = 0
@@ -26,8 +36,7 @@ class DataParallel:
     @classmethod
     def from_env(cls, device_type: str) -> DataParallel:
         """One rank per process from torchrun's environment; a plain process is a world of one."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        if launched_world_size() <= 1:
             return cls()
         owns = not dist.is_initialized()
         if owns:
@@ -73,20 +82,20 @@ class DataParallel:
         dist.all_reduce(value)
         return value / self.world
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank if it is true on any (a stop decision all ranks must share)."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def min_int(self, value: int, device: torch.device) -> int:
+    def _reduce_int(self, value: int, op, device: torch.device) -> int:
         if self.world == 1:
             return value
         t = torch.tensor([value], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=op)
         return int(t.item())
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if it is true on any (a stop decision all ranks must share)."""
+        return bool(self._reduce_int(int(flag), dist.ReduceOp.MAX, device))
+
+    def min_int(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' values, on every rank (a step count all ranks must share)."""
+        return self._reduce_int(value, dist.ReduceOp.MIN, device)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -177,10 +177,10 @@ def heldout_ppl(model, blocks: torch.Tensor, device, batch: int = 16) -> float:
         return perplexity(mean_loss(model, blocks, batch))
 
 
-def band_summary(report: HeadReport) -> dict:
-    """The numbers the organism is judged by: share of heads above 0.5 and upper/lower head-index ratio."""
-    bos = report.bos_mass
-    half = report.n_head // 2
+def band_numbers(bos: np.ndarray) -> dict:
+    """The numbers the organism is judged by, from a [layer, head] BOS-mass grid: share of heads above 0.5
+    and the upper/lower head-index ratio."""
+    half = bos.shape[1] // 2
     lower, upper = float(bos[:, :half].mean()), float(bos[:, half:].mean())
     return {
         "heads_over_0.5": int((bos > 0.5).sum()),
@@ -188,18 +188,21 @@ def band_summary(report: HeadReport) -> dict:
         "mean_bos_lower_half": lower,
         "mean_bos_upper_half": upper,
         "upper_to_lower": upper / max(lower, 1e-9),
-        "column_mean_bos": report.column_mean_bos(),
-        "counts": report.counts(),
     }
+
+
+def band_summary(report: HeadReport) -> dict:
+    """`band_numbers` of a diagnosis, with its column means and class counts."""
+    return {**band_numbers(report.bos_mass), "column_mean_bos": report.column_mean_bos(), "counts": report.counts()}
 
 
 def band_probe(model, adapter, blocks: torch.Tensor, step: int, train_loss: float) -> dict:
     """A quick band reading mid-pretraining (a few held-out blocks): where the collapse stands at `step`."""
     stats, _ = run_statistics(model, adapter, blocks.tolist(), batch_size=len(blocks))
-    bos = stats["bos_mass"]
-    half = bos.shape[1] // 2
-    return {"step": step, "train_loss": round(train_loss, 4), "heads_over_0.5": int((bos > 0.5).sum()),
-            "mean_bos_upper_half": round(float(bos[:, half:].mean()), 4), "max_bos": round(float(bos.max()), 4)}
+    band = band_numbers(stats["bos_mass"])
+    return {"step": step, "train_loss": round(train_loss, 4), "heads_over_0.5": band["heads_over_0.5"],
+            "mean_bos_upper_half": round(band["mean_bos_upper_half"], 4),
+            "max_bos": round(float(stats["bos_mass"].max()), 4)}
 
 
 def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, rate_steps_per_s: float,
@@ -254,7 +257,8 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
     where = f"{dp.world} x {dev.type}" if dp.world > 1 else str(dev)
     sink.emit(PhaseChanged("pretrain", f"{sum(p.numel() for p in params)/1e6:.2f}M parameters on {where}"))
     probe_from, probe_to = min(10, config.warmup // 4), max(1, config.warmup // 2)
-    probe_blocks = heldout_blocks(heldout, config, bos)[:PROBE_BLOCKS] if probe_every else None
+    blocks = heldout_blocks(heldout, config, bos)  # the final diagnosis's blocks; probes read the first few
+    probe_blocks = blocks[:PROBE_BLOCKS] if probe_every else None
     trajectory: list[dict] = []
     adapter = adapter_for(model)
     t0 = time.perf_counter()
@@ -309,7 +313,6 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
     step -= 1  # index of the last step taken
     train_seconds = time.perf_counter() - t0
     model.eval()
-    blocks = heldout_blocks(heldout, config, bos)
     ppl = heldout_ppl(model, blocks, dev)
     sink.emit(PhaseChanged("diagnose", f"held-out perplexity {ppl:.2f}"))
     stats, n_tokens = run_statistics(model, adapter, blocks.tolist(), batch_size=8)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.events import PhaseChanged, StepMetrics  # noqa: E402
 from engine.corpus import PYTHON_PACKAGES, python_source_files  # noqa: E402
+from engine.data_parallel import is_main_process  # noqa: E402
 from engine.organism import OrganismConfig, prepare_texts, sample_stride, train_organism  # noqa: E402
 
 VARIANTS = {
@@ -94,7 +94,7 @@ def main() -> None:
     record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(),
                             time_limit_s=args.time_limit, time_budget_s=args.time_budget,
                             probe_every=args.probe_every)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
         print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
                           **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)
 

@@ -1,6 +1,7 @@
 """The bundled organism and the organism command."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_data_parallel_pretraining_matches_one_process(tmp_path):
                    check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
     record = json.loads((tmp_path / "ddp" / "organism.json").read_text())
     # ranks never prepare data (they would all write the same files): one line says what to do instead
-    env = {**__import__("os").environ, "WORLD_SIZE": "2"}
+    env = {**os.environ, "WORLD_SIZE": "2"}
     refused = subprocess.run([sys.executable, "-m", "engine.cli", "organism", "--out", str(tmp_path / "x"), *cli],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "--prepare-only first" in refused.stderr and "Traceback" not in refused.stderr
