@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import types
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -140,15 +139,23 @@ def build_model(config: OrganismConfig, tokenizer):
 
 
 def disable_alibi(model) -> None:
-    """Control experiment: replace the ALiBi bias by zeros (the model then has no positional signal
-    besides causal masking). Only for this process: a saved model always reloads with ALiBi."""
-    body = model.transformer
+    """Control experiment: every attention layer receives a zero ALiBi bias (the model then has no positional
+    signal besides causal masking). A forward pre-hook on each attention module does it, so it holds whichever
+    way transformers builds the bias (newer versions skip `build_alibi_tensor` when no attention mask is
+    given) and under `fast_kernels`. Only for this process: a saved model always reloads with ALiBi."""
+    last: list = [None, None]  # (incoming bias, its zeros): one zeros object per forward, shared by all layers
 
-    def zero_alibi(self, attention_mask, num_heads, dtype):
-        b, t = attention_mask.shape
-        return torch.zeros(b * num_heads, 1, t, dtype=dtype, device=attention_mask.device)
+    def zero_alibi(module, args, kwargs):
+        alibi = kwargs["alibi"] if "alibi" in kwargs else args[2]
+        if last[0] is not alibi:
+            last[:] = [alibi, torch.zeros_like(alibi)]
+        if "alibi" in kwargs:
+            return args, {**kwargs, "alibi": last[1]}
+        return (*args[:2], last[1], *args[3:]), kwargs
 
-    body.build_alibi_tensor = types.MethodType(zero_alibi, body)
+    adapter = adapter_for(model)
+    for layer in range(adapter.n_layer):
+        adapter.attention(model, layer).register_forward_pre_hook(zero_alibi, with_kwargs=True)
 
 
 def crops(stream: torch.Tensor, n: int, body: int, bos: int, generator: torch.Generator) -> torch.Tensor:

@@ -132,3 +132,43 @@ def test_budgeted_steps_fit_the_budget_and_never_exceed_the_plan():
     assert budgeted_steps(config, 100, 10.0, 20.0, 110.0) == 100 + 2_000
     assert budgeted_steps(config, 100, 10.0, 1_000.0, 110.0) == 10_000
     assert budgeted_steps(config, 100, 200.0, 20.0, 110.0) == 101  # already over budget: stop next step
+
+
+def test_disable_alibi_zeroes_the_bias_on_every_path():
+    """The no-ALiBi control must lose the slopes in training (no attention mask, fast kernels) as well as
+    in diagnosis (padded batches): newer transformers build the bias without `build_alibi_tensor` there."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from engine.arch import adapter_for
+    from engine.diagnosis import run_statistics
+    from engine.fastpath import fast_kernels
+    from engine.organism import disable_alibi
+
+    def uniform_attention_model(alibi: bool):
+        torch.manual_seed(0)
+        model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+        for block in model.transformer.h:  # zero queries and keys: scores are the ALiBi bias alone
+            qkv = block.self_attention.query_key_value
+            qkv.weight.data.view(4, 3, 8, 32)[:, :2] = 0
+            qkv.bias.data.view(4, 3, 8)[:, :2] = 0
+        if not alibi:
+            disable_alibi(model)
+        return model
+
+    prompts = [list(range(1, 17)), list(range(1, 11))]
+    with_alibi = uniform_attention_model(True)
+    with_slopes = run_statistics(with_alibi, adapter_for(with_alibi), prompts, batch_size=2)[0]["bos_mass"]
+    model = uniform_attention_model(False)
+    without = run_statistics(model, adapter_for(model), prompts, batch_size=2)[0]["bos_mass"]
+    assert np.ptp(with_slopes[0]) > 0.05  # steep heads look near the diagonal, shallow ones reach key 0
+    assert np.allclose(without, without[0, 0], atol=1e-6)  # every head attends uniformly
+
+    seen = []
+    attention = adapter_for(model).attention(model, 1)
+    attention.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["alibi"]), with_kwargs=True)
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        model(input_ids=ids)
+        with fast_kernels(model, adapter_for(model)):
+            model(input_ids=ids)
+    assert len(seen) == 2 and all(not a.any() for a in seen)
