@@ -22,8 +22,8 @@ from .atomic import atomic_write_text
 from .corpus import CorpusSpec, load_texts, pack_blocks, token_stream
 from .data_parallel import DataParallel
 from .diagnosis import run_statistics
-from .evaluate import mean_loss, perplexity
 from .errors import InputError
+from .evaluate import mean_loss, perplexity
 from .events import NullSink, PhaseChanged, Sink, StepMetrics
 from .loss import causal_lm_loss
 from .report import HeadReport
