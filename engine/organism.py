@@ -8,6 +8,7 @@ different machines:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -222,14 +223,17 @@ def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, ra
 
 def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | Path | None, *, device=None,
                    sink: Sink | None = None, cancelled=lambda: False, time_limit_s: float | None = None,
-                   time_budget_s: float | None = None, probe_every: int | None = None) -> dict:
+                   time_budget_s: float | None = None, probe_every: int | None = None,
+                   compile_blocks: bool = False) -> dict:
     """Pretrain, diagnose on held-out text, save (bf16) and return the run record.
 
     `time_budget_s` sizes the run to a machine lease: the step rate is measured during warm-up (before the
     cosine schedule depends on the total), and `steps` is lowered to what fits; the record then holds the
     steps that reproduce the run. `time_limit_s` simply stops pretraining early (recorded as `stopped_early`).
     `probe_every` N diagnoses the first few held-out blocks every N steps, so the record's `trajectory` shows
-    how the band emerges.
+    how the band emerges. `compile_blocks` runs each transformer block through `torch.compile` while
+    pretraining (fused LayerNorm and elementwise kernels: 1.2x on an H200); probes, the held-out diagnosis
+    and perplexity run eagerly.
 
     Started by `torchrun --nproc-per-node N`, the run is data-parallel: `batch_size` is the global batch,
     rank 0 reports and saves, and the result equals the single-process run up to summation order."""
@@ -239,13 +243,13 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
     dp = DataParallel.from_env(dev.type)
     try:
         return _train_organism(config, data_dir, out_dir, dp.device(dev), dp, sink if dp.is_main else None,
-                               cancelled, time_limit_s, time_budget_s, probe_every)
+                               cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks)
     finally:
         dp.close()
 
 
 def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device, dp: DataParallel, sink,
-                    cancelled, time_limit_s, time_budget_s, probe_every) -> dict:
+                    cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks) -> dict:
     from .fastpath import fast_kernels
 
     sink = sink or NullSink()
@@ -268,6 +272,10 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
     probe_blocks = blocks[:PROBE_BLOCKS] if probe_every else None
     trajectory: list[dict] = []
     adapter = adapter_for(model)
+    if compile_blocks:
+        for block in adapter.blocks(model):
+            block.compile()
+    eager = (lambda: torch.compiler.set_stance("force_eager")) if compile_blocks else contextlib.nullcontext
     t0 = time.perf_counter()
     t_probe = t0
     step, loss_value, stop = 0, float("nan"), False
@@ -313,16 +321,18 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
                     sink.emit(StepMetrics(step, config.steps, loss_value, lr_at(step - 1, config), float(grad_norm),
                                           step * ids.numel() * dp.world / elapsed, elapsed))
         if probe_blocks is not None and not stop and step % probe_every == 0 and step < config.steps:
-            point = band_probe(model, adapter, probe_blocks, step, float(dp.mean(loss.detach())))
+            with eager():
+                point = band_probe(model, adapter, probe_blocks, step, float(dp.mean(loss.detach())))
             trajectory.append(point)
             sink.emit(PhaseChanged("probe", f"step {step}: {point['heads_over_0.5']} heads with BOS mass > 0.5, "
                                             f"upper-half mean {point['mean_bos_upper_half']:.3f}"))
     step -= 1  # index of the last step taken
     train_seconds = time.perf_counter() - t0
     model.eval()
-    ppl = heldout_ppl(model, blocks, dev)
-    sink.emit(PhaseChanged("diagnose", f"held-out perplexity {ppl:.2f}"))
-    stats, n_tokens = run_statistics(model, adapter, blocks.tolist(), batch_size=8)
+    with eager():
+        ppl = heldout_ppl(model, blocks, dev)
+        sink.emit(PhaseChanged("diagnose", f"held-out perplexity {ppl:.2f}"))
+        stats, n_tokens = run_statistics(model, adapter, blocks.tolist(), batch_size=8)
     report = HeadReport(model=str(out_dir or "organism"), n_layer=adapter.n_layer, n_head=adapter.n_head,
                         slopes=adapter.slopes, n_prompts=len(blocks), n_tokens=n_tokens, **stats)
     record = {

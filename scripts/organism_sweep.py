@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=None)
     ap.add_argument("--time-budget", type=float, default=None)
     ap.add_argument("--probe-every", type=int, default=None)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     if args.prepare_packages:
         t0 = time.time()
@@ -93,7 +94,7 @@ def main() -> None:
     t0 = time.time()
     record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(),
                             time_limit_s=args.time_limit, time_budget_s=args.time_budget,
-                            probe_every=args.probe_every)
+                            probe_every=args.probe_every, compile_blocks=args.compile)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
                           **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)

@@ -71,6 +71,21 @@ def test_band_probes_record_the_trajectory_without_changing_the_run(tmp_path):
     assert probed["bos_mass"] == plain["bos_mass"] and probed["heldout_ppl"] == plain["heldout_ppl"]
 
 
+def test_compiled_blocks_pretrain_the_same_model(tmp_path):
+    from torch._dynamo.utils import counters
+
+    data = tmp_path / "data"
+    prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
+    config = OrganismConfig(layers=2, heads=4, hidden=32, seq_len=32, batch_size=4, steps=7, warmup=2, eval_blocks=4)
+    plain = train_organism(config, data, None, probe_every=3)
+    counters.clear()
+    compiled = train_organism(config, data, None, probe_every=3, compile_blocks=True)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # really compiled, in one piece
+    assert np.allclose(compiled["bos_mass"], plain["bos_mass"], atol=1e-4)
+    assert abs(compiled["heldout_ppl"] - plain["heldout_ppl"]) < 1e-3 * plain["heldout_ppl"]
+    assert [p["step"] for p in compiled["trajectory"]] == [3, 6]  # probes (eager) between compiled segments
+
+
 def test_data_parallel_pretraining_matches_one_process(tmp_path):
     import subprocess
     import sys
