@@ -51,6 +51,9 @@ VARIANTS = {
     # data-parallel over 4 GPUs (torchrun): four times the tokens of I per step, in the same wall time
     "Q": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=128),
     "Q-noalibi": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=128, alibi=False),
+    # session 5: Q's recipe on one GPU with compiled blocks, over three chained calls (about 3x Q's tokens)
+    "R": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=128),
+    "R-noalibi": dict(layers=6, lr=2e-3, weight_decay=0.3, batch_size=128, alibi=False),
 }
 
 
