@@ -102,8 +102,8 @@ def cmd_organism(args) -> int:
         if args.prepare_only:
             return 0
         record = train_organism(config, data_dir, args.out, device=args.device, sink=sink,
-                                time_budget_s=args.time_budget, probe_every=args.probe_every,
-                                compile_blocks=args.compile)
+                                time_budget_s=args.time_budget, time_limit_s=args.time_limit,
+                                probe_every=args.probe_every, compile_blocks=args.compile, state=args.state)
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     band = record["heldout_diagnosis"]
@@ -426,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="fit the run into this many seconds: measure the step rate during warm-up and lower "
                    "--steps to what fits (the record keeps the steps that reproduce the run)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop pretraining after this many seconds (with --state: save it, to resume later)")
+    p.add_argument("--state", metavar="FILE",
+                   help="resumable run: continue from FILE if it exists; a run stopped by --time-limit saves its "
+                   "full training state (fp32 weights, bf16 AdamW moments, batch generator) there")
     p.add_argument("--probe-every", type=int, metavar="N",
                    help="every N steps, diagnose a few held-out blocks and show (and record) where the band stands")
     p.add_argument("--no-alibi", action="store_true", help="control run: train with the ALiBi bias zeroed")

@@ -224,7 +224,7 @@ def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, ra
 def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | Path | None, *, device=None,
                    sink: Sink | None = None, cancelled=lambda: False, time_limit_s: float | None = None,
                    time_budget_s: float | None = None, probe_every: int | None = None,
-                   compile_blocks: bool = False) -> dict:
+                   compile_blocks: bool = False, state: str | Path | None = None) -> dict:
     """Pretrain, diagnose on held-out text, save (bf16) and return the run record.
 
     `time_budget_s` sizes the run to a machine lease: the step rate is measured during warm-up (before the
@@ -235,22 +235,29 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
     pretraining (fused LayerNorm and elementwise kernels: 1.2x on an H200); probes, the held-out diagnosis
     and perplexity run eagerly.
 
+    `state` (a file) makes the run resumable across machine leases: if it exists the run continues from it
+    (same recipe required), and a run stopped by `time_limit_s` or cancellation writes it before the usual
+    stopped-early diagnosis and save. Not combinable with `time_budget_s`, which resizes the recipe.
+
     Started by `torchrun --nproc-per-node N`, the run is data-parallel: `batch_size` is the global batch,
     rank 0 reports and saves, and the result equals the single-process run up to summation order."""
     from .runtime import resolve_device
 
+    if state is not None and time_budget_s is not None:
+        raise InputError("--time-budget resizes the run, so it cannot resume one: give --steps and --time-limit")
     dev = resolve_device(device)
     dp = DataParallel.from_env(dev.type)
     try:
         return _train_organism(config, data_dir, out_dir, dp.device(dev), dp, sink if dp.is_main else None,
-                               cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks)
+                               cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks, state)
     finally:
         dp.close()
 
 
 def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device, dp: DataParallel, sink,
-                    cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks) -> dict:
+                    cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks, state) -> dict:
     from .fastpath import fast_kernels
+    from .train_state import Progress, load_state, save_state
 
     sink = sink or NullSink()
     tokenizer, train, heldout = load_data(data_dir)
@@ -276,9 +283,15 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
         for block in adapter.blocks(model):
             block.compile()
     eager = (lambda: torch.compiler.set_stance("force_eager")) if compile_blocks else contextlib.nullcontext
+    step, loss_value, stop, prior_seconds, sessions = 0, float("nan"), False, 0.0, 1
+    if state is not None and Path(state).exists():
+        progress = load_state(state, model, opt, gen, asdict(config))
+        step, loss_value, trajectory = progress.step, progress.loss, progress.trajectory
+        prior_seconds, sessions = progress.train_seconds, progress.sessions + 1
+        sink.emit(PhaseChanged("pretrain", f"resumed from {state} at step {step} (session {sessions})"))
+    first_step = step
     t0 = time.perf_counter()
     t_probe = t0
-    step, loss_value, stop = 0, float("nan"), False
     while step < config.steps and not stop:
         # Pretraining runs on the fast kernels; a band probe needs the attention probabilities, so it runs
         # outside them, between segments.
@@ -319,15 +332,19 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
                         raise InputError(f"pretraining diverged at step {step} (loss {loss_value}): lower --lr")
                     elapsed = time.perf_counter() - t0
                     sink.emit(StepMetrics(step, config.steps, loss_value, lr_at(step - 1, config), float(grad_norm),
-                                          step * ids.numel() * dp.world / elapsed, elapsed))
+                                          (step - first_step) * ids.numel() * dp.world / elapsed,
+                                          prior_seconds + elapsed))
         if probe_blocks is not None and not stop and step % probe_every == 0 and step < config.steps:
             with eager():
                 point = band_probe(model, adapter, probe_blocks, step, float(dp.mean(loss.detach())))
             trajectory.append(point)
             sink.emit(PhaseChanged("probe", f"step {step}: {point['heads_over_0.5']} heads with BOS mass > 0.5, "
                                             f"upper-half mean {point['mean_bos_upper_half']:.3f}"))
+    train_seconds = prior_seconds + time.perf_counter() - t0
+    if state is not None and step < config.steps and dp.is_main:
+        save_state(state, model, opt, gen, Progress(step, asdict(config), train_seconds, loss_value, trajectory, sessions))
+        sink.emit(PhaseChanged("pretrain", f"stopped at step {step}: state saved to {state}"))
     step -= 1  # index of the last step taken
-    train_seconds = time.perf_counter() - t0
     model.eval()
     with eager():
         ppl = heldout_ppl(model, blocks, dev)
@@ -341,6 +358,7 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
         "steps_done": step + 1,
         "stopped_early": step + 1 < config.steps,
         "train_seconds": round(train_seconds, 1),
+        "sessions": sessions,
         "final_train_loss": loss_value,
         "heldout_ppl": ppl,
         "device": (f"{dp.world} x " if dp.world > 1 else "")

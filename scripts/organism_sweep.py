@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None)
     ap.add_argument("--probe-every", type=int, default=None)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--state", default=None, help="resumable run: state file to continue from and save to")
     args = ap.parse_args()
     if args.prepare_packages:
         t0 = time.time()
@@ -97,7 +98,8 @@ def main() -> None:
     t0 = time.time()
     record = train_organism(config, args.data, Path(args.out) / args.variant, sink=PrintSink(),
                             time_limit_s=args.time_limit, time_budget_s=args.time_budget,
-                            probe_every=args.probe_every, compile_blocks=args.compile)
+                            probe_every=args.probe_every, compile_blocks=args.compile,
+                            state=args.state)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         print(json.dumps({"variant": args.variant, "wall_s": round(time.time() - t0), "ppl": record["heldout_ppl"],
                           **{k: v for k, v in record["heldout_diagnosis"].items() if k != "column_mean_bos"}}), flush=True)

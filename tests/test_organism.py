@@ -2,9 +2,11 @@
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from engine.corpus import CorpusSpec
@@ -187,3 +189,26 @@ def test_disable_alibi_zeroes_the_bias_on_every_path():
         with fast_kernels(model, adapter_for(model)):
             model(input_ids=ids)
     assert len(seen) == 2 and all(not a.any() for a in seen)
+
+
+def test_a_stopped_run_resumes_from_its_state(tmp_path):
+    from engine.errors import InputError
+
+    data = tmp_path / "data"
+    prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
+    config = OrganismConfig(layers=2, heads=4, hidden=32, seq_len=32, batch_size=4, steps=8, warmup=2, eval_blocks=4,
+                            lr=1e-2)  # large steps: a resume without its batches or moments shows at once
+    whole = train_organism(config, data, None, probe_every=3)
+    state = tmp_path / "state.safetensors"
+    calls = iter(range(100))
+    first = train_organism(config, data, None, probe_every=3, state=state, cancelled=lambda: next(calls) >= 5)
+    assert first["steps_done"] == 5 and first["stopped_early"] and state.is_file()
+    second = train_organism(config, data, tmp_path / "out", probe_every=3, state=state)
+    assert second["steps_done"] == 8 and not second["stopped_early"] and second["sessions"] == 2
+    assert [p["step"] for p in second["trajectory"]] == [3, 6]
+    # equal to the uninterrupted run up to the bf16 rounding of the stored AdamW moments (fresh moments or
+    # other batches move the loss by >= 0.017 and the perplexity by >= 0.6% here)
+    assert abs(second["final_train_loss"] - whole["final_train_loss"]) < 1e-3
+    assert abs(second["heldout_ppl"] - whole["heldout_ppl"]) < 1e-3 * whole["heldout_ppl"]
+    with pytest.raises(InputError, match=r"lr 0.01 \(saved\) vs 0.001"):
+        train_organism(replace(config, lr=1e-3), data, None, state=state)
