@@ -166,18 +166,19 @@ def test_corpus_errors_are_one_line(planted_dir, tmp_path):
 
 
 def test_operate_on_the_organism_wakes_its_sink_heads(tmp_path):
-    """End to end through the CLI on the bundled model: its L1 and L2 BOS-sink heads (H12-H15) are re-initialised,
-    trained for a few steps, and measured awake afterwards."""
+    """End to end through the CLI on the bundled model: nine of its BOS-sink heads (L1, L2 and L5, all in
+    H9-H15) are re-initialised, trained for a few steps, and measured awake afterwards."""
     corpus = Path(sysconfig.get_paths()["stdlib"]) / "json"
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--device", "cpu", "--targets", "1-2.12-15",
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--device", "cpu",
+                           "--targets", "1.13-15,2.9-10,2.14-15,5.14-15",
                            "--corpus", str(corpus), "--steps", "4", "--seq-len", "128", "--grad-accum", "2",
                            "--eval-every", "2", "--lr", "2e-3", "--completions", "0", "--out", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / REPORT_FILE).read_text())
     rec = report["recovery"]
-    assert rec["targets"] == 8 and rec["woken"] == 8
+    assert rec["targets"] == 9 and rec["woken"] == 9
     assert all(e["bos_mass_before"] > 0.5 for e in rec["per_head"].values())
     assert [p["step"] for p in report["history"]] == [0, 2, 4]
-    assert "Recovery: woken 8" in done.stdout
+    assert "Recovery: woken 9" in done.stdout

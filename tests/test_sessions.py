@@ -22,7 +22,7 @@ from engine.session import Session, SessionRecorder
 from engine.surgery import SurgeryPlan
 from engine.train import TrainConfig
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "sessions" / "examples" / "organism-l1-l2-band.json"
+EXAMPLE = Path(__file__).resolve().parents[1] / "sessions" / "examples" / "organism-band-sinks.json"
 
 
 def cli(*args):
@@ -42,7 +42,7 @@ def test_replaying_the_organism_example_reproduces_its_recorded_run(tmp_path):
         assert a["heldout_ppl"] == pytest.approx(b["heldout_ppl"], rel=1e-4)
         np.testing.assert_allclose(a["bos_mass"], b["bos_mass"], atol=1e-4)
     report = json.loads((tmp_path / "replay" / "report.json").read_text())
-    assert report["recovery"]["woken"] == report["recovery"]["targets"] == 8
+    assert report["recovery"]["woken"] == report["recovery"]["targets"] == 9
 
 
 def test_operate_session_replays_to_the_same_patch(planted_dir, tmp_path):
