@@ -3,13 +3,16 @@ and compiled blocks with FlexAttention (ALiBi score_mod + causal block mask), wi
 
     PYTHONPATH=. python scripts/organism_speed.py
 """
-import sys, time, types
-import torch, torch.nn.functional as F
+import time
+import types
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import BloomConfig, BloomForCausalLM
+
 from engine.arch import adapter_for, alibi_slopes
 from engine.fastpath import fast_kernels
 from engine.loss import causal_lm_loss
-from torch.nn.attention.flex_attention import flex_attention, create_block_mask
 
 dev = torch.device("cuda")
 L, V = 512, 4096
@@ -61,7 +64,8 @@ def bench(name, batch, compile_blocks=False, flex=False, steps=40, warm=10, prof
         print(f"{name:28s} batch {batch:4d}: {dt*1e3:7.2f} ms/step  {batch*L/dt/1e6:6.3f} M tok/s  "
               f"(warm-up {tw:.1f} s, loss {float(loss):.3f}, peak {torch.cuda.max_memory_allocated()/2**30:.1f} GiB)", flush=True)
         if profile:
-            from torch.profiler import profile as prof, ProfilerActivity
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
             with prof(activities=[ProfilerActivity.CUDA]) as p:
                 for i in range(3): step(i)
                 torch.cuda.synchronize()

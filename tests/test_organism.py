@@ -212,3 +212,16 @@ def test_a_stopped_run_resumes_from_its_state(tmp_path):
     assert abs(second["heldout_ppl"] - whole["heldout_ppl"]) < 1e-3 * whole["heldout_ppl"]
     with pytest.raises(InputError, match=r"lr 0.01 \(saved\) vs 0.001"):
         train_organism(replace(config, lr=1e-3), data, None, state=state)
+
+
+def test_cli_refuses_a_time_budget_on_a_resumable_run(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "organism", "--out", str(tmp_path / "o"), "--data",
+                           str(data), "--state", str(tmp_path / "s.safetensors"), "--time-budget", "5"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--time-budget resizes the run" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "s.safetensors").exists()
