@@ -213,6 +213,22 @@ def band_probe(model, adapter, blocks: torch.Tensor, step: int, train_loss: floa
             "max_bos": round(float(stats["bos_mass"].max()), 4)}
 
 
+def pretrain_step(model, opt: torch.optim.Optimizer, params: list, ids: torch.Tensor, clip: float,
+                  dp: DataParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on `ids` (bf16 autocast on CUDA, chunked loss, gradient all-reduce under torchrun,
+    clipping); returns the loss and gradient norm as tensors, so the GPU is not waited for."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
+        loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
+    loss.backward()
+    if dp is not None:
+        dp.average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 def budgeted_steps(config: OrganismConfig, steps_done: int, elapsed_s: float, rate_steps_per_s: float,
                    budget_s: float) -> int:
     """Total steps that fit `budget_s` at the measured rate (never more than `config.steps`, never fewer
@@ -306,14 +322,7 @@ def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, config)
                 ids = dp.shard(crops(train, config.batch_size, config.seq_len - 1, bos, gen)).to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    hidden = model.transformer(input_ids=ids, use_cache=False).last_hidden_state
-                    loss = causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=8192)
-                loss.backward()
-                dp.average_gradients(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                loss, grad_norm = pretrain_step(model, opt, params, ids, config.clip, dp)
                 step += 1
                 if time_budget_s is not None and step in (probe_from, probe_to):
                     float(loss.detach())  # wait for the GPU, so the clock measures the steps themselves

@@ -12,7 +12,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from engine.arch import adapter_for, alibi_slopes
 from engine.fastpath import fast_kernels
-from engine.loss import causal_lm_loss
+from engine.organism import pretrain_step
 
 dev = torch.device("cuda")
 L, V = 512, 4096
@@ -49,12 +49,7 @@ def bench(name, batch, compile_blocks=False, flex=False, steps=40, warm=10, prof
         if compile_blocks:
             for blk in m.transformer.h: blk.compile()
         def step(i):
-            ids = ids_all[i].to(dev, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                h = m.transformer(input_ids=ids, use_cache=False).last_hidden_state
-                loss = causal_lm_loss(m.lm_head, h, ids, chunk_tokens=8192)
-            loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad(set_to_none=True)
-            return loss
+            return pretrain_step(m, opt, params, ids_all[i].to(dev, non_blocking=True), clip=1.0)[0]
         t = time.perf_counter()
         for i in range(warm): step(i)
         torch.cuda.synchronize(); tw = time.perf_counter() - t
@@ -72,9 +67,10 @@ def bench(name, batch, compile_blocks=False, flex=False, steps=40, warm=10, prof
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     torch.cuda.reset_peak_memory_stats()
 
-print(torch.__version__, torch.cuda.get_device_name())
-bench("sdpa (current)", 128, profile=True)
-bench("sdpa (current)", 64)
-bench("sdpa + compiled blocks", 128, compile_blocks=True)
-bench("flex + compiled blocks", 128, compile_blocks=True, flex=True)
-bench("flex + compiled blocks", 256, compile_blocks=True, flex=True)
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name())
+    bench("sdpa (current)", 128, profile=True)
+    bench("sdpa (current)", 64)
+    bench("sdpa + compiled blocks", 128, compile_blocks=True)
+    bench("flex + compiled blocks", 128, compile_blocks=True, flex=True)
+    bench("flex + compiled blocks", 256, compile_blocks=True, flex=True)
