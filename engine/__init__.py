@@ -6,28 +6,27 @@
 
     from engine import SurgeryPlan, SurgeryJob, TrainConfig, CorpusSpec, run_job
     job = SurgeryJob([SurgeryPlan(report.sick())], CorpusSpec("notes.txt"), TrainConfig(steps=200))
-    run_job(loaded, job, "runs/r1", prompts=builtin_prompts())   # patch.safetensors + report.json
+    run_job(loaded, job, "runs/r1")   # patch.safetensors + report.json + events through a sink
 
 Never imports textual; long work reports through `engine.events` sinks.
 """
 
-from .corpus import CorpusSpec, load_corpus
-from .diagnosis import DiagnosisSettings, diagnose
-from .errors import HeadSurgeonError
-from .evaluate import EvalSettings
-from .model import LoadedModel, load_model
-from .operation import SurgeryJob, run_job
-from .patch import apply_head_tensors, export_model, load_patch
-from .prompts import builtin_prompts, load_prompts
-from .report import HeadReport, Thresholds
-from .session import Session, SessionRecorder
-from .spec import format_heads, parse_heads
-from .surgery import SurgeryPlan, operate
-from .train import TrainConfig
+import importlib
 
-__all__ = [
-    "CorpusSpec", "DiagnosisSettings", "EvalSettings", "HeadReport", "HeadSurgeonError", "LoadedModel", "Session",
-    "SessionRecorder", "SurgeryJob", "SurgeryPlan", "Thresholds", "TrainConfig", "apply_head_tensors",
-    "builtin_prompts", "diagnose", "export_model", "format_heads", "load_corpus", "load_model", "load_patch",
-    "load_prompts", "operate", "parse_heads", "run_job",
-]
+_EXPORTS = {
+    "CorpusSpec": "corpus", "load_corpus": "corpus", "DiagnosisSettings": "diagnosis", "diagnose": "diagnosis",
+    "HeadSurgeonError": "errors", "EvalSettings": "evaluate", "LoadedModel": "model", "load_model": "model",
+    "SurgeryJob": "operation", "run_job": "operation", "apply_head_tensors": "patch", "export_model": "patch",
+    "load_patch": "patch", "builtin_prompts": "prompts", "load_prompts": "prompts", "HeadReport": "report",
+    "Thresholds": "report", "Session": "session", "format_heads": "spec", "parse_heads": "spec",
+    "SurgeryPlan": "surgery", "operate": "surgery", "TrainConfig": "train", "JobInputs": "workflow",
+    "read_events": "eventlog", "run_state": "runner", "list_runs": "runner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import on first use: `python -m engine.runner` and the CLI start without loading torch."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

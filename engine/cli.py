@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from .errors import HeadSurgeonError, InputError
+from .workflow import DEFAULT_CORPUS, DEFAULT_STEPS
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -62,11 +63,14 @@ def cmd_diagnose(args) -> int:
 
     from .console import print_report
     from .diagnosis import diagnose
+    from .preflight import check_output_file
     from .prompts import load_prompts
 
     console = Console(stderr=False)
     settings = diagnosis_settings(args)
     prompts = load_prompts(args.prompts)
+    if args.json:
+        check_output_file(args.json, overwrite=args.overwrite, what="--json")
     with console.status("loading model…"):
         loaded = load_from_args(args)
     with console.status(f"diagnosing {loaded.name} on {len(prompts)} prompts ({loaded.device}, {loaded.dtype})…"):
@@ -116,9 +120,9 @@ def cmd_organism(args) -> int:
 
 
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", required=True,
+    p.add_argument("--corpus", default=DEFAULT_CORPUS,
                    help="text file, directory of text files, .jsonl/.parquet with a text column, hub dataset id, "
-                   "python-stdlib or python-packages")
+                   f"python-stdlib[/PKG] or python-packages (default: {DEFAULT_CORPUS})")
     p.add_argument("--corpus-config", help="hub dataset config (e.g. en for allenai/c4)")
     p.add_argument("--corpus-split", help="hub dataset split (e.g. validation)")
     p.add_argument("--text-column", default="text")
@@ -127,74 +131,63 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=int, help="epochs over the training blocks (default 1)")
+    length.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=int, help="epochs over the training blocks")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=5e-5, help="0 trains nothing: a re-initialisation-only control")
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=8)
     p.add_argument("--warmup-frac", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N optimizer steps (and per epoch)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default: ten points per run)")
     p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for perplexity")
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     p.add_argument("--seed", type=int, default=0)
 
 
-def job_from_args(args, loaded, sick):
-    from .corpus import CorpusSpec
-    from .evaluate import EvalSettings
-    from .operation import SurgeryJob
-    from .report import Thresholds
-    from .surgery import SurgeryPlan
-    from .train import TrainConfig
-
-    plans = [SurgeryPlan.from_specs(args.targets, args.frozen, loaded.adapter, sick=sick, init=args.init, seed=args.seed)]
-    if args.pass2_targets:
-        plans.append(SurgeryPlan.from_specs(args.pass2_targets, args.pass2_frozen, loaded.adapter, sick=sick,
-                                            init=args.init, seed=args.seed + 1))
-    train = TrainConfig(lr=args.lr, micro_batch=args.micro_batch, grad_accum=args.grad_accum, seq_len=args.seq_len,
-                        steps=args.steps, epochs=args.epochs, warmup_frac=args.warmup_frac, eval_every=args.eval_every,
-                        eval_blocks=args.eval_blocks, gradient_checkpointing=not args.no_checkpointing, seed=args.seed)
-    corpus = CorpusSpec(args.corpus, args.corpus_config, args.corpus_split, args.text_column, args.max_documents)
-    evaluation = EvalSettings(thresholds=Thresholds(sink=args.sink, dead=args.dead, low_entropy=args.low_entropy),
-                              completion_prompts=args.completions)
-    return SurgeryJob(plans, corpus, train, evaluation)
+def add_run_args(p: argparse.ArgumentParser, *, out_help: str) -> None:
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out run directory or --session file instead of refusing")
+    p.add_argument("--detach", action="store_true",
+                   help="run in its own process (survives closing the terminal); print the run directory and return")
 
 
-def run_recorded(loaded, job, out, *, prompts, baseline, console, session=None, resume=False) -> dict:
-    """run_job with rich progress, recording into `session` (autosaved) when one is given."""
+def _follow_in_process(launch, *, loaded, baseline, console, resume: bool = False) -> dict:
+    """Run a launch in this process with rich progress; Ctrl-C stops at the next step like `cancel`."""
     from .console import ConsoleSink, print_operation
-    from .events import MultiSink
-    from .operation import run_job
-    from .session import SessionRecorder
+    from .workflow import start
 
-    if session is not None:
-        session.set_run_dir(out)
-        session.status = "running"
-        session.log("resume" if resume else "operate", run_dir=session.run_dir)
-        session.save()
     with ConsoleSink(console) as printer:
-        sink = MultiSink(printer, SessionRecorder(session) if session is not None else None)
-        report = run_job(loaded, job, out, prompts=prompts, sink=sink, baseline=baseline, resume=resume)
-    if session is not None:
-        session.save()
+        report = start(launch, detach=False, resume=resume, loaded=loaded, baseline=baseline, sink=printer)
+    if report.get("cancelled"):
+        console.print(f"run cancelled; continue it with: head-surgeon resume {launch.run_dir}")
+        return report
     print_operation(report, console)
-    console.print(f"patch and report written to {out}" + (f"; session {session.path}" if session else ""))
+    console.print(f"patch and report written to {launch.run_dir}; session {launch.session.path}")
     return report
 
 
-def new_session(loaded, args, baseline, job):
-    from .model import model_identity
-    from .session import Session
-    from .spec import format_heads
+def _detached(launch, console) -> None:
+    from .workflow import start
 
-    session = Session(model=model_identity(loaded), job=job.to_dict(), report=baseline.to_json(),
-                      diagnosis={"batch_size": args.batch_size, "max_len": args.max_len, "prompts": args.prompts,
-                                 "thresholds": {"sink": args.sink, "dead": args.dead, "low_entropy": args.low_entropy}},
-                      marks={"targets": format_heads(job.targets), "frozen": format_heads(job.frozen)})
-    session.log("diagnose", sick=len(baseline.sick()))
-    session.log("mark", targets=session.marks["targets"], frozen=session.marks["frozen"])
-    return session
+    start(launch, detach=True)
+    console.print(f"run {launch.run_dir} started in the background (pid {launch.pid}); session {launch.session.path}")
+    console.print(f"follow it: head-surgeon attach {launch.run_dir}   stop it: head-surgeon cancel {launch.run_dir}")
+
+
+def _check_outputs(args) -> None:
+    """Refuse existing or unwritable outputs before any model is loaded."""
+    from .preflight import check_output_dir
+    from .workflow import check_new_session
+
+    if getattr(args, "out", None):
+        check_output_dir(args.out, overwrite=args.overwrite, what="--out")
+    check_new_session(getattr(args, "session", None) if args.command == "operate" else None, overwrite=args.overwrite)
+    if getattr(args, "export", None):
+        if args.detach:
+            raise InputError("--export needs the repaired model in this process: drop --detach, or export later "
+                             "with head-surgeon apply --patch RUN/patch.safetensors --out DIR")
+        check_output_dir(args.export, what="--export")
 
 
 def cmd_operate(args) -> int:
@@ -203,34 +196,31 @@ def cmd_operate(args) -> int:
     from .diagnosis import diagnose
     from .patch import export_model
     from .prompts import load_prompts
+    from .workflow import JobInputs, create_run
 
     console = Console()
-    prompts = load_prompts(args.prompts)
+    inputs = JobInputs.from_namespace(args)
+    inputs.check()
+    _check_outputs(args)
     with console.status("loading model…"):
         loaded = load_from_args(args)
-    settings = diagnosis_settings(args)
-    with console.status(f"diagnosing {loaded.name} before surgery…"):
-        baseline = diagnose(loaded, prompts, settings)
-    job = job_from_args(args, loaded, baseline.sick())
-    session = None
-    if args.session:
-        session = new_session(loaded, args, baseline, job)
-        session.path = Path(args.session)
-    run_recorded(loaded, job, args.out, prompts=prompts, baseline=baseline, console=console, session=session)
+    baseline = None
+    if inputs.needs_diagnosis() or not args.detach:
+        with console.status(f"diagnosing {loaded.name} before surgery…"):
+            baseline = diagnose(loaded, load_prompts(inputs.prompts), inputs.diagnosis_settings())
+    job = inputs.build_job(loaded.adapter, baseline.sick() if baseline else None)
+    launch = create_run(loaded, job, out=args.out, session_path=args.session, overwrite=args.overwrite,
+                        baseline=baseline, device=args.device, dtype=args.dtype)
+    if args.detach:
+        _detached(launch, console)
+        return 0
+    report = _follow_in_process(launch, loaded=loaded, baseline=baseline, console=console)
+    if report.get("cancelled"):
+        return 130
     if args.export:
         export_model(loaded.model, loaded.tokenizer, args.export)
         console.print(f"repaired model exported to {args.export}")
     return 0
-
-
-def default_run_dir(name: str) -> Path:
-    """sessions/NAME in the working directory, numbered when it exists."""
-    from .session import DEFAULT_DIR
-
-    out, n = DEFAULT_DIR / name, 2
-    while out.exists():
-        out, n = DEFAULT_DIR / f"{name}-{n}", n + 1
-    return out
 
 
 def _session_model(session, args):
@@ -243,65 +233,90 @@ def _session_model(session, args):
     return loaded
 
 
-def _session_settings(session):
-    from .diagnosis import DiagnosisSettings
-    from .report import Thresholds
-
-    d = session.diagnosis
-    return DiagnosisSettings(batch_size=int(d.get("batch_size", 8)), max_len=int(d.get("max_len", 512)),
-                             thresholds=Thresholds(**d.get("thresholds", {})))
-
-
 def cmd_replay(args) -> int:
-    """Re-execute a session's recorded actions headless into a new run directory and session."""
+    """Re-execute a session's recorded job into a new run directory and a new session."""
     from rich.console import Console
 
     from .diagnosis import diagnose
-    from .operation import SurgeryJob
     from .prompts import load_prompts
     from .session import Session
+    from .workflow import create_run, replay_job
 
     console = Console()
     original = Session.load(args.session)
     if not original.job:
         raise InputError(f"session {args.session} has no surgery to replay: it only holds a diagnosis")
+    _check_outputs(args)
     with console.status("loading model…"):
         loaded = _session_model(original, args)
-    prompts = load_prompts(original.diagnosis.get("prompts"))
-    with console.status("diagnosing before surgery…"):
-        baseline = diagnose(loaded, prompts, _session_settings(original))
-    job = SurgeryJob.from_dict(original.job, loaded.adapter, sick=baseline.sick())
-    out = Path(args.out) if args.out else default_run_dir(f"{Path(args.session).stem}-replay")
-    replay = Session(model=original.model, diagnosis=original.diagnosis, job=job.to_dict(), report=baseline.to_json(),
-                     marks=original.marks, path=out / "session.json")
-    replay.log("replay", of=str(Path(args.session).resolve()))
-    replay.log("diagnose", sick=len(baseline.sick()))
-    run_recorded(loaded, job, out, prompts=prompts, baseline=baseline, console=console, session=replay)
-    return 0
+    job = replay_job(original, loaded.adapter)
+    baseline = None
+    if not args.detach:
+        with console.status("diagnosing before surgery…"):
+            baseline = diagnose(loaded, load_prompts(job.diagnosis.prompts), job.diagnosis)
+    launch = create_run(loaded, job, out=args.out, overwrite=args.overwrite, baseline=baseline, derived_from=original,
+                        action="replay", device=args.device, dtype=args.dtype)
+    if args.detach:
+        _detached(launch, console)
+        return 0
+    report = _follow_in_process(launch, loaded=loaded, baseline=baseline, console=console)
+    return 130 if report.get("cancelled") else 0
 
 
 def cmd_resume(args) -> int:
-    """Continue a session's interrupted run from its last checkpoint."""
+    """Continue a run (by its directory or its session) from its last saved state."""
     from rich.console import Console
 
-    from .errors import InputError
-    from .operation import SurgeryJob
-    from .prompts import load_prompts
-    from .report import HeadReport
-    from .session import Session
+    from .runner import run_state
+    from .workflow import open_run, start
 
     console = Console()
-    session = Session.load(args.session)
-    run = session.run_path()
-    if not session.job or run is None:
-        raise InputError(f"session {args.session} has no run to resume: start one with operate --session")
-    if session.status == "finished":
-        raise InputError(f"session {args.session} already finished: use replay to run it again")
-    loaded = _session_model(session, args)
-    baseline = HeadReport.from_json(session.report) if session.report else None
-    job = SurgeryJob.from_dict(session.job, loaded.adapter, sick=baseline.sick() if baseline else None)
-    prompts = load_prompts(session.diagnosis.get("prompts"))
-    run_recorded(loaded, job, run, prompts=prompts, baseline=baseline, console=console, session=session, resume=True)
+    launch = open_run(args.run)
+    state = run_state(launch.run_dir).state
+    if state == "running":
+        raise InputError(f"run {launch.run_dir} is running: attach to it, or cancel it first")
+    if state == "finished":
+        raise InputError(f"run {launch.run_dir} already finished: use replay to run it again")
+    if args.detach:
+        start(launch, detach=True, resume=True)
+        console.print(f"run {launch.run_dir} resumed in the background (pid {launch.pid})")
+        return 0
+    report = _follow_in_process(launch, loaded=None, baseline=None, console=console, resume=True)
+    return 130 if report.get("cancelled") else 0
+
+
+def cmd_runs(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .runner import list_runs
+    from .workflow import RUNS_DIR
+
+    console = Console()
+    root = Path(args.dir) if args.dir else RUNS_DIR
+    if args.dir and not root.is_dir():
+        raise InputError(f"{root} is not a directory: pass the folder that holds run directories (default {RUNS_DIR})")
+    runs = list_runs(root)
+    if not runs:
+        console.print(f"no runs under {root}")
+        return 0
+    colours = {"running": "green", "finished": "blue", "cancelled": "yellow", "failed": "red", "dead": "magenta"}
+    table = Table("run", "state", "step", "targets", "held-out ppl", "model", box=None)
+    for r in runs:
+        table.add_row(str(r.run_dir), f"[{colours[r.state]}]{r.state}[/]", f"{r.step}/{r.total_steps or '?'}",
+                      r.targets if len(r.targets) < 40 else r.targets[:37] + "…",
+                      f"{r.heldout_ppl:.3f}" if r.heldout_ppl is not None else "-", r.model)
+    console.print(table)
+    dead = [r for r in runs if r.state == "dead"]
+    if dead:
+        console.print(f"dead runs stopped without finishing; continue one with head-surgeon resume {dead[-1].run_dir}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from .runner import cancel
+
+    print(cancel(args.run))
     return 0
 
 
@@ -310,6 +325,8 @@ def cmd_apply(args) -> int:
     from .patch import apply_head_tensors, export_model, load_patch
     from .spec import format_heads
 
+    if Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+        raise InputError(f"--out {args.out} already exists and is not empty: choose a new directory")
     tensors, meta = load_patch(args.patch)
     loaded = load_from_args(args)
     if not args.force:
@@ -341,7 +358,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*extra_commands) -> argparse.ArgumentParser:
+    """The argument parser; each of `extra_commands(subparsers)` adds commands (the UI adds the workbench)."""
     parser = argparse.ArgumentParser(
         prog="head-surgeon",
         description="Diagnose and repair collapsed attention heads in ALiBi (BLOOM) transformers. "
@@ -354,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diagnose", help="measure every head and classify it (healthy / BOS-sink / dead / low-entropy)")
     add_model_args(p)
     add_diagnosis_args(p)
-    p.add_argument("--json", help="write the report as JSON to this path")
+    p.add_argument("--json", help="write the report as JSON to this new file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("operate", help="re-initialise target heads and retrain only them; writes a patch and report")
@@ -368,21 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_corpus_args(p)
     add_train_args(p)
     p.add_argument("--completions", type=int, default=3, help="sample this many prompt completions before/after")
-    p.add_argument("--out", required=True, help="directory for patch.safetensors, report.json and checkpoints")
+    add_run_args(p, out_help="new run directory for events.jsonl, patch.safetensors, report.json and checkpoints "
+                 "(default: runs/MODEL-DATE-TIME)")
     p.add_argument("--export", help="also write the repaired model (save_pretrained) into this new directory")
-    p.add_argument("--session", help="record the run as a session file (autosaved; resumable, replayable)")
+    p.add_argument("--session", help="also record the run as a session file here (default: RUN/session.json)")
     p.set_defaults(func=cmd_operate)
 
-    p = sub.add_parser("replay", help="re-run a saved session's actions headless into a new run and session")
+    p = sub.add_parser("replay", help="re-run a saved session's job into a new run directory and session")
     add_model_args(p)
-    p.add_argument("session", help="session .json")
-    p.add_argument("--out", help="run directory (default: sessions/NAME-replay in the working directory)")
+    p.add_argument("session", help="session .json (or a run directory)")
+    add_run_args(p, out_help="new run directory (default: runs/MODEL-DATE-TIME)")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("resume", help="continue a session's interrupted run from its last checkpoint")
+    p = sub.add_parser("resume", help="continue a cancelled or dead run from its last saved state")
     add_model_args(p)
-    p.add_argument("session", help="session .json")
+    p.add_argument("run", help="run directory (or the session that names it)")
+    p.add_argument("--detach", action="store_true", help="continue in its own process and return at once")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("runs", help="list runs with their state (running, finished, failed, cancelled, dead)")
+    p.add_argument("dir", nargs="?", help="folder holding run directories (default: runs)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("cancel", help="ask a running run to stop at its next step (it stays resumable)")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("apply", help="apply a saved patch to its base model and export the repaired model")
     add_model_args(p)
@@ -438,18 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile each block for pretraining (faster on a GPU; compiling takes ~15 s)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_organism)
+    for add in extra_commands:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
+def dispatch(args) -> int:
+    """Run a parsed command; user errors become one line on stderr and exit status 2."""
+    quiet_libraries()
     try:
-        if args.command is None:
-            from tui.launch import launch
-
-            return launch(args)
         return args.func(args)
     except HeadSurgeonError as exc:
         print(f"head-surgeon: error: {exc}", file=sys.stderr)
@@ -462,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("head-surgeon: error: out of memory: use a smaller --batch-size or --max-len, or a smaller model", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The headless commands alone (`python -m engine.cli`); `head-surgeon` adds the workbench on top."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("give a command (the workbench opens with `head-surgeon`)")
+    return dispatch(args)
 
 
 if __name__ == "__main__":

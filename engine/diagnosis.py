@@ -15,15 +15,33 @@ import torch
 import torch.nn.functional as F
 
 from .arch import BloomAdapter, base_model
+from .errors import InputError
 from .events import DiagnosisProgress, NullSink, Sink
 from .report import HeadReport, Thresholds
 
 
 @dataclass
 class DiagnosisSettings:
+    """How heads are measured: the same settings before, at every evaluation point and after a surgery."""
+
     batch_size: int = 8
     max_len: int = 512
     thresholds: Thresholds = field(default_factory=Thresholds)
+    prompts: str | None = None  # a .jsonl/.txt file; None: the built-in prompts
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_len < 2:
+            raise InputError(f"--batch-size must be at least 1 and --max-len at least 2 (got {self.batch_size}, "
+                             f"{self.max_len})")
+
+    def to_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "max_len": self.max_len, "prompts": self.prompts,
+                "thresholds": vars(self.thresholds).copy()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiagnosisSettings":
+        return cls(batch_size=int(data.get("batch_size", 8)), max_len=int(data.get("max_len", 512)),
+                   thresholds=Thresholds(**data.get("thresholds", {})), prompts=data.get("prompts"))
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:

@@ -90,9 +90,12 @@ class EvalMetrics(Event):
     heldout_ppl: float
     # per target head "L.H" -> {"bos_mass", "entropy", "local_mass", "contribution"}
     targets: dict[str, dict[str, float]] = field(default_factory=dict)
-    # full grids (n_layer x n_head) of BOS mass and contribution, for recolouring the head grid
+    # full grids (n_layer x n_head) of every head's statistics: the grid, detail pane and class counts at this point
     bos_mass: list[list[float]] = field(default_factory=list)
     contribution: list[list[float]] = field(default_factory=list)
+    entropy: list[list[float]] = field(default_factory=list)
+    local_mass: list[list[float]] = field(default_factory=list)
+    label: str = ""  # "before": the model before the operation; else the pass, e.g. "pass-1"
 
 
 @dataclass
@@ -115,6 +118,24 @@ class Checkpoint(Event):
 
 
 @dataclass
+class RunStarted(Event):
+    """A runner took the run (fresh or resumed); `pid` is its process."""
+
+    kind = "started"
+    pid: int
+    resume: bool = False
+
+
+@dataclass
+class Resumed(Event):
+    """A pass continued from its saved state: events after `step` that were logged before are superseded."""
+
+    kind = "resumed"
+    pass_name: str
+    step: int
+
+
+@dataclass
 class RunFinished(Event):
     kind = "finished"
     step: int
@@ -133,7 +154,8 @@ class RunFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (DiagnosisProgress, PhaseChanged, StepMetrics, EvalMetrics, HeadRecovery, Checkpoint, RunFinished, RunFailed)
+    for cls in (DiagnosisProgress, PhaseChanged, StepMetrics, EvalMetrics, HeadRecovery, Checkpoint, RunStarted, Resumed,
+                RunFinished, RunFailed)
 }
 
 

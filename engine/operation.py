@@ -1,8 +1,11 @@
 """A whole surgery job: baseline measurements, one or two passes, the final patch and report.
 
     job = SurgeryJob([plan], CorpusSpec("notes.txt"), TrainConfig(steps=200))
-    report = run_job(loaded, job, "runs/r1", prompts=builtin_prompts(), sink=ConsoleSink(console))
-writes runs/r1/patch.safetensors (changed slices only) and runs/r1/report.json.
+    report = run_job(loaded, job, "runs/r1", sink=ConsoleSink(console))
+writes runs/r1/patch.safetensors (changed slices only) and runs/r1/report.json. The job's diagnosis
+settings (prompts, max length, batch, thresholds) measure the model before, at every evaluation point
+and after, so a head that moved did so because of the surgery. A cancelled job stops at a step
+boundary, keeps a resumable state and skips the after-evaluation.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss, mlp_dormancy,
                        perplexity, prompt_loss, recovery)
-from .events import NullSink, PhaseChanged, RunFinished, Sink, json_safe
+from .events import EvalMetrics, NullSink, PhaseChanged, RunFinished, Sink, json_safe
 from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
+from .prompts import load_prompts
 from .spec import format_heads
 from .report import HeadReport, Thresholds
 from .surgery import SurgeryPlan
@@ -44,10 +48,14 @@ class SurgeryJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     heldout_frac: float = 0.05
+    diagnosis: DiagnosisSettings | None = None  # None: defaults with the evaluation's thresholds
 
     def __post_init__(self) -> None:
         if not self.plans:
             raise InputError("a surgery job needs at least one plan")
+        if self.diagnosis is None:
+            self.diagnosis = DiagnosisSettings(thresholds=self.evaluation.thresholds)
+        self.evaluation.thresholds = self.diagnosis.thresholds  # one set of class boundaries for the whole job
 
     @property
     def targets(self) -> list[tuple[int, int]]:
@@ -60,7 +68,7 @@ class SurgeryJob:
     def to_dict(self) -> dict[str, Any]:
         ev = asdict(self.evaluation)
         return {"plans": [p.to_dict() for p in self.plans], "corpus": asdict(self.corpus), "train": asdict(self.train),
-                "evaluation": ev, "heldout_frac": self.heldout_frac}
+                "evaluation": ev, "heldout_frac": self.heldout_frac, "diagnosis": self.diagnosis.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], adapter, sick=None) -> "SurgeryJob":
@@ -68,12 +76,14 @@ class SurgeryJob:
         try:
             ev = dict(data.get("evaluation", {}))
             ev["thresholds"] = Thresholds(**ev.get("thresholds", {}))
+            diag = data.get("diagnosis")
             return cls(
                 plans=[SurgeryPlan.from_dict(p, adapter, sick) for p in data["plans"]],
                 corpus=CorpusSpec(**data["corpus"]),
                 train=TrainConfig(**data.get("train", {})),
                 evaluation=EvalSettings(**ev),
                 heldout_frac=float(data.get("heldout_frac", 0.05)),
+                diagnosis=DiagnosisSettings.from_dict(diag) if diag is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed surgery job ({exc}): the file is damaged or from another version") from exc
@@ -93,32 +103,37 @@ def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, set
     }
 
 
-def _diagnose(loaded, prompts: list[str], settings: EvalSettings, cancelled) -> HeadReport:
-    ds = DiagnosisSettings(batch_size=settings.batch_size, thresholds=settings.thresholds)
-    return diagnose(loaded, prompts, ds, cancelled=cancelled)
+def before_point(before: HeadReport, heldout_ppl: float, targets: list[tuple[int, int]]) -> EvalMetrics:
+    """The model before the operation as the first evaluation point (what `[` scrubs back to)."""
+    grids = {k: getattr(before, k).round(5).tolist() for k in ("bos_mass", "contribution", "entropy", "local_mass")}
+    per_head = {f"{l}.{h}": {k: float(getattr(before, k)[l, h]) for k in grids} for l, h in targets}
+    return EvalMetrics(0, math.nan, math.nan, heldout_ppl, per_head, label="before", **grids)
 
 
-def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, prompts: list[str], sink: Sink | None = None,
+def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None = None,
             cancelled: Callable[[], bool] = lambda: False, baseline: HeadReport | None = None,
             corpus: PackedCorpus | None = None, resume: bool = False) -> dict[str, Any]:
     """Run every pass of `job` on `loaded` (modified in place: afterwards it is base + patch), write the
-    patch and report into `out_dir`, and return the report. `resume` continues from checkpoints there."""
+    patch and report into `out_dir`, and return the report. `resume` continues from checkpoints there.
+    `baseline`, when given, must be a diagnosis of `loaded` with `job.diagnosis`."""
     sink = sink or NullSink()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings, tconf = job.evaluation, job.train
+    settings, tconf, dsettings = job.evaluation, job.train, job.diagnosis
     for plan in job.plans:
         plan.check_fits(loaded.adapter)
     identity = model_identity(loaded)
+    prompts = load_prompts(dsettings.prompts)
     sink.emit(PhaseChanged("corpus", f"loading {job.corpus.describe()} in blocks of {tconf.seq_len}"))
     corpus = corpus or load_corpus(job.corpus, loaded.tokenizer, tconf.seq_len, job.heldout_frac)
-    prompt_ids = tokenize_prompts(loaded.tokenizer, prompts, 512)
+    prompt_ids = tokenize_prompts(loaded.tokenizer, prompts, dsettings.max_len)
     eval_blocks = corpus.heldout[: tconf.eval_blocks]
 
     sink.emit(PhaseChanged("baseline", "measuring the model before surgery"))
-    before = baseline if baseline is not None else _diagnose(loaded, prompts, settings, cancelled)
-    before = before.with_thresholds(settings.thresholds)
+    before = baseline if baseline is not None else diagnose(loaded, prompts, dsettings, cancelled=cancelled)
+    before = before.with_thresholds(dsettings.thresholds)
     measured_before = measure(loaded, prompt_ids, eval_blocks, settings, prompts=prompts, seed=tconf.seed)
+    sink.emit(before_point(before, measured_before["heldout_ppl"], job.targets))
 
     meta = {"base_model": identity, "job": job.to_dict()}
     passes: list[PassResult] = []
@@ -136,20 +151,22 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, prompts: list[str],
             sink.emit(PhaseChanged(name, f"already done (best step {done['best_step']}), kept"))
             continue
         run = SurgeryRun(loaded, plan, corpus, tconf, prompt_ids=prompt_ids, out_dir=out, meta=meta,
-                         eval_settings=settings, sink=sink, cancelled=cancelled, pass_name=name)
+                         eval_settings=settings, diagnosis_batch=dsettings.batch_size, sink=sink,
+                         cancelled=cancelled, pass_name=name)
         state = pass_dir / STATE_FILE
         result = run.run(resume_state=state if resume and state.is_file() else None)
-        tensors.update(run.finish().head_tensors())
         passes.append(result)
-        if result.cancelled:  # no done marker: `resume` continues this pass from its last state
-            break
+        if result.cancelled:  # no done marker and no after-evaluation: `resume` continues this pass
+            sink.emit(RunFinished(result.steps_done, result.best_step, result.best_heldout_ppl, cancelled=True))
+            return {"cancelled": True, "passes": [p.to_dict() for p in passes], "run_dir": str(out)}
+        tensors.update(run.finish().head_tensors())
         atomic_write_text(pass_dir / DONE_FILE, json.dumps(result.to_dict(), indent=1))
 
     sink.emit(PhaseChanged("evaluate", "measuring the repaired model"))
     targets = job.targets
     patch_path = out / PATCH_FILE
     save_patch(patch_path, tensors, {**meta, "heads": format_heads(parse_tensor_name(k)[:2] for k in tensors)})
-    after = _diagnose(loaded, prompts, settings, lambda: False)
+    after = diagnose(loaded, prompts, dsettings)
     ablation = corpus.heldout[: max(settings.ablation_blocks, 1)]
     deltas = ablation_deltas(loaded.model, loaded.adapter, targets, ablation, settings.batch_size)
     measured_after = measure(loaded, prompt_ids, eval_blocks, settings, prompts=prompts, seed=tconf.seed)
@@ -163,7 +180,7 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, prompts: list[str],
         "patch": PATCH_FILE,
         "passes": [p.to_dict() for p in passes],
         "history": [pt for p in passes for pt in p.history],
-        "cancelled": any(p.cancelled for p in passes),
+        "cancelled": False,
         "recovery": recovery(after, targets, deltas, settings, before),
         "iatrogenic": iatrogenic(before, after, targets),
         "drift": drift(before, after, targets, job.frozen, settings.drift_threshold),
@@ -178,5 +195,5 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, prompts: list[str],
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False))
     last = passes[-1] if passes else None
     sink.emit(RunFinished(last.steps_done if last else 0, last.best_step if last else -1,
-                          last.best_heldout_ppl if last else math.inf, cancelled=report["cancelled"]))
+                          last.best_heldout_ppl if last else math.inf))
     return report

@@ -1,9 +1,10 @@
-"""Sessions: one JSON file that records a whole piece of work so it can be studied, resumed or replayed.
+"""Sessions: one small JSON file that records a piece of work so it can be studied, resumed or replayed.
 
-A session holds the base model's identity, diagnosis settings, the surgery job (plans, training, corpus,
-evaluation), an ordered action log, the recorded event stream (metrics over time, per-head statistics) and
-the run directory (patch, report, checkpoints) as a path relative to the session file. Saving is atomic;
-a `SessionRecorder` sink autosaves at every evaluation and checkpoint. Loading never modifies the file.
+A session holds the base model's identity, the diagnosis settings, the surgery job, the marks, an ordered
+action log, the diagnosis before the run, where it came from, and the run directory (as a path relative
+to the session file). It refers to the run's event log (`RUN_DIR/events.jsonl`) instead of embedding the
+stream, so saving one costs the same after 10 steps as after 10,000. Saving is atomic; loading never
+modifies the file. Schema 1 files (events embedded) still load, read-only, with their events.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .errors import InputError
-from .events import Checkpoint, EvalMetrics, Event, HeadRecovery, RunFailed, RunFinished, json_safe
+from .events import EvalMetrics, Event, event_from_dict
+from .eventlog import LOG_FILE, read_events
 
-SESSION_SCHEMA_VERSION = 1
+SESSION_SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 SESSION_FORMAT = "head-surgeon-session"
-DEFAULT_DIR = Path("sessions")
-AUTOSAVE_EVENTS = (EvalMetrics, HeadRecovery, Checkpoint, RunFinished, RunFailed)
+SESSION_FILE = "session.json"
 
 
 @dataclass
@@ -30,17 +32,18 @@ class Session:
     """A saved piece of work; `path` is where it lives (not stored in the file)."""
 
     model: dict[str, Any]
-    diagnosis: dict[str, Any] = field(default_factory=dict)  # settings: batch_size, max_len, thresholds
+    diagnosis: dict[str, Any] = field(default_factory=dict)  # DiagnosisSettings.to_dict()
     job: dict[str, Any] | None = None  # SurgeryJob.to_dict()
     actions: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    report: dict[str, Any] | None = None  # the latest diagnosis (HeadReport.to_json)
+    report: dict[str, Any] | None = None  # the diagnosis before the run (HeadReport.to_json)
     marks: dict[str, str] = field(default_factory=lambda: {"targets": "", "frozen": ""})
     run_dir: str | None = None  # relative to the session file's folder
-    status: str = "new"  # new | running | finished | cancelled | failed
+    status: str = "new"  # new | running | finished | cancelled | failed (a dead runner reads as interrupted)
+    derived_from: str | None = None  # the session this one was started from (replay, a loaded session)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     path: Path | None = None
+    legacy_events: list[dict[str, Any]] | None = None  # schema 1 only: the stream it embedded
 
     def log(self, action: str, **details: Any) -> None:
         self.actions.append({"action": action, "time": round(time.time(), 3), **details})
@@ -55,18 +58,28 @@ class Session:
         base = (self.path.parent if self.path else Path.cwd()).resolve()
         self.run_dir = os.path.relpath(Path(run_dir).resolve(), base)
 
-    def eval_points(self) -> list[dict[str, Any]]:
+    def events(self) -> list[Event]:
+        """The run's events, read from its log (or, for a schema 1 file, the stream it embedded)."""
+        if self.legacy_events is not None:
+            return [event_from_dict(e) for e in self.legacy_events]
+        run = self.run_path()
+        return read_events(run / LOG_FILE) if run is not None and (run / LOG_FILE).is_file() else []
+
+    def eval_points(self) -> list[EvalMetrics]:
         """Recorded evaluation points, in order (what the workbench scrubs through)."""
-        return [e for e in self.events if e.get("kind") == EvalMetrics.kind]
+        return [e for e in self.events() if isinstance(e, EvalMetrics)]
 
     def to_json(self) -> dict[str, Any]:
         return {"format": SESSION_FORMAT, "schema_version": SESSION_SCHEMA_VERSION, "model": self.model,
                 "diagnosis": self.diagnosis, "job": self.job, "marks": self.marks, "actions": self.actions,
-                "events": self.events, "report": self.report, "run_dir": self.run_dir, "status": self.status,
-                "created": self.created, "updated": self.updated}
+                "report": self.report, "run_dir": self.run_dir, "status": self.status,
+                "derived_from": self.derived_from, "created": self.created, "updated": self.updated}
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write atomically (temp file + rename); a crash leaves the previous version intact."""
+        """Write atomically (temp file + rename); a crash leaves the previous version intact.
+        A schema 1 session is never rewritten: save it under a new path as a derived session instead."""
+        if self.legacy_events is not None:
+            raise InputError(f"session {self.path} is in the old format and is kept as it is: save a new session")
         if path is not None:
             old_run = self.run_path()
             self.path = Path(path)
@@ -78,27 +91,39 @@ class Session:
         atomic_write_text(self.path, json.dumps(self.to_json(), indent=1, allow_nan=False, default=_jsonable))
         return self.path
 
+    def derive(self) -> "Session":
+        """A new, unsaved session that continues this one's work and says where it came from."""
+        return Session(model=dict(self.model), diagnosis=dict(self.diagnosis), job=self.job, report=self.report,
+                       marks=dict(self.marks), actions=list(self.actions),
+                       derived_from=str(self.path.resolve()) if self.path else self.derived_from)
+
     @classmethod
     def load(cls, path: str | Path) -> "Session":
         path = Path(path)
+        if path.is_dir() and (path / SESSION_FILE).is_file():  # a run directory stands for its session
+            path = path / SESSION_FILE
         if not path.is_file():
             raise InputError(f"session {str(path)!r} does not exist: pass a file saved by head-surgeon")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"session {str(path)!r} is truncated or corrupt ({exc}); the file was left as it is") from exc
+        except OSError as exc:
+            raise InputError(f"cannot read session {str(path)!r}: {exc.strerror}") from exc
         if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
             raise InputError(f"{str(path)!r} is not a head-surgeon session file")
         version = data.get("schema_version")
-        if version != SESSION_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise InputError(f"session {str(path)!r} has schema_version {version!r}; this head-surgeon reads "
-                             f"{SESSION_SCHEMA_VERSION}: open it with a matching version")
+                             f"{', '.join(map(str, READABLE_SCHEMAS))}: open it with a matching version")
         try:
             session = cls(model=dict(data["model"]), diagnosis=dict(data.get("diagnosis") or {}), job=data.get("job"),
-                          actions=list(data.get("actions") or []), events=list(data.get("events") or []),
-                          report=data.get("report"), marks=dict(data.get("marks") or {"targets": "", "frozen": ""}),
+                          actions=list(data.get("actions") or []), report=data.get("report"),
+                          marks=dict(data.get("marks") or {"targets": "", "frozen": ""}),
                           run_dir=data.get("run_dir"), status=str(data.get("status", "new")),
-                          created=float(data.get("created", 0)), updated=float(data.get("updated", 0)), path=path)
+                          derived_from=data.get("derived_from"),
+                          created=float(data.get("created", 0)), updated=float(data.get("updated", 0)), path=path,
+                          legacy_events=list(data.get("events") or []) if version == 1 else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"session {str(path)!r} is missing or has a malformed field ({exc})") from exc
         return session
@@ -108,30 +133,3 @@ def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-class SessionRecorder:
-    """A sink that appends every event to the session and autosaves at evaluations and checkpoints."""
-
-    def __init__(self, session: Session, autosave: bool = True):
-        self.session, self.autosave = session, autosave
-
-    def emit(self, event: Event) -> None:
-        self.session.events.append(json_safe(event.to_dict()))
-        if isinstance(event, RunFinished):
-            self.session.status = "cancelled" if event.cancelled else "finished"
-        elif isinstance(event, RunFailed):
-            self.session.status = "failed"
-        if self.autosave and self.session.path is not None and isinstance(event, AUTOSAVE_EVENTS):
-            self.session.save()
-
-
-def default_session_path(name: str) -> Path:
-    """sessions/NAME.json in the working directory, numbered if it exists."""
-    DEFAULT_DIR.mkdir(exist_ok=True)
-    path = DEFAULT_DIR / f"{name}.json"
-    n = 2
-    while path.exists():
-        path = DEFAULT_DIR / f"{name}-{n}.json"
-        n += 1
-    return path

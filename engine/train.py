@@ -19,7 +19,8 @@ from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
 from .loss import causal_lm_loss
-from .events import Checkpoint, EvalMetrics, HeadRecovery, NullSink, PhaseChanged, RunFailed, Sink, StepMetrics
+from .events import (Checkpoint, EvalMetrics, HeadRecovery, NullSink, PhaseChanged, Resumed, RunFailed, Sink,
+                     StepMetrics)
 from .patch import save_patch
 from .report import HeadReport
 from .surgery import HeadSlices, SurgeryPlan, operate
@@ -60,8 +61,8 @@ class TrainConfig:
             self.epochs = 1
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
             raise InputError("--steps and --epochs must be at least 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"--lr must be a positive number (got {self.lr})")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):  # 0 is a control: re-initialise, train nothing
+            raise InputError(f"--lr must be zero or a positive number (got {self.lr})")
         if min(self.micro_batch, self.grad_accum, self.eval_every, self.eval_blocks) < 1:
             raise InputError("micro batch, accumulation, eval interval and eval blocks must be at least 1")
         if self.attention not in ("sdpa", "eager"):
@@ -134,11 +135,12 @@ class SurgeryRun:
 
     def __init__(self, loaded, plan: SurgeryPlan, corpus: PackedCorpus, config: TrainConfig, *,
                  prompt_ids: list[list[int]], out_dir: str | Path, meta: dict[str, Any],
-                 eval_settings: EvalSettings | None = None, sink: Sink | None = None,
+                 eval_settings: EvalSettings | None = None, diagnosis_batch: int = 8, sink: Sink | None = None,
                  cancelled: Callable[[], bool] = lambda: False, pass_name: str = "pass-1"):
         self.loaded, self.plan, self.corpus, self.config = loaded, plan, corpus, config
         self.prompt_ids, self.meta = prompt_ids, meta
         self.settings = eval_settings or EvalSettings()
+        self.diagnosis_batch = diagnosis_batch
         self.sink, self.cancelled = sink or NullSink(), cancelled
         self.pass_name = pass_name
         self.dir = Path(out_dir) / "checkpoints" / pass_name
@@ -205,7 +207,7 @@ class SurgeryRun:
         """Held-out PPL, every head's statistics on the prompts, and the targets' recovery."""
         self.model.eval()
         with self.slices.exported():
-            stats, _ = run_statistics(self.model, self.adapter, self.prompt_ids, batch_size=self.settings.batch_size,
+            stats, _ = run_statistics(self.model, self.adapter, self.prompt_ids, batch_size=self.diagnosis_batch,
                                       pad_id=self.pad_id)  # eager: it needs the attention probabilities
             with self._fast():
                 heldout = mean_loss(self.model, self.eval_blocks, self.settings.batch_size)
@@ -224,7 +226,8 @@ class SurgeryRun:
                  "bos_mass": report.bos_mass.round(5).tolist(), "contribution": report.contribution.round(5).tolist()}
         self.result.history.append(point)
         self.sink.emit(EvalMetrics(step, train_loss, point["train_ppl"], point["heldout_ppl"], targets,
-                                   point["bos_mass"], point["contribution"]))
+                                   point["bos_mass"], point["contribution"], report.entropy.round(5).tolist(),
+                                   report.local_mass.round(5).tolist(), label=self.pass_name))
         self.sink.emit(HeadRecovery(step, rec["woken"], rec["functional"], rec["targets"], rec["per_head"]))
         return point
 
@@ -274,6 +277,7 @@ class SurgeryRun:
         self.result.best_step, self.result.best_heldout_ppl = meta["best_step"], meta["best_heldout_ppl"]
         self.result.best_path = meta["best_path"]
         self.result.history = meta.get("history", [])
+        self.sink.emit(Resumed(self.pass_name, int(meta["step"])))
         return int(meta["step"])
 
     def _checkpoint(self, step: int, point: dict[str, Any], epoch_end: bool) -> None:
@@ -311,8 +315,11 @@ class SurgeryRun:
             t0, tokens, window = time.perf_counter(), 0, []
             step = start
             while step < self.total:
-                if self.cancelled():
+                if self.cancelled():  # stop at this step boundary and keep a state that `resume` continues
                     self.result.cancelled = True
+                    if step > start:
+                        self.dir.mkdir(parents=True, exist_ok=True)
+                        self._save_state(step)
                     break
                 loss, grad_norm = self._train_step(step)
                 step += 1
@@ -331,9 +338,6 @@ class SurgeryRun:
             self.result.steps_done = step
             self.result.train_seconds = round(time.perf_counter() - t0, 2)
             self.result.tokens_per_s = tokens / max(self.result.train_seconds, 1e-9)
-            if self.result.best_path is None and step > 0:  # cancelled before the first evaluation
-                point = self.evaluate(step, sum(window) / len(window) if window else float("nan"))
-                self._checkpoint(step, point, epoch_end=True)
             return self.result
         finally:
             self._teardown()

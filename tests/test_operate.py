@@ -40,7 +40,7 @@ def _job(corpus_file, steps=4, **train):
 def _run(planted_dir, corpus_file, out, **kw):
     loaded = load_model(str(planted_dir), device="cpu")
     sink = ListSink()
-    report = run_job(loaded, kw.pop("job", None) or _job(corpus_file), out, prompts=builtin_prompts(), sink=sink, **kw)
+    report = run_job(loaded, kw.pop("job", None) or _job(corpus_file), out, sink=sink, **kw)
     return loaded, report, sink
 
 
@@ -120,7 +120,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(planted_dir, 
     sink = ListSink()
     job = _job(corpus_file, steps=12, eval_every=1)
     with pytest.raises(TrainingDiverged, match="loss became nan"):
-        run_job(loaded, job, tmp_path, prompts=builtin_prompts(), sink=sink)
+        run_job(loaded, job, tmp_path, sink=sink)
     failed = sink.of(RunFailed)
     assert len(failed) == 1 and failed[0].last_good_checkpoint
     tensors, meta = load_patch(failed[0].last_good_checkpoint)
@@ -139,7 +139,7 @@ def test_cancelled_run_resumes_to_the_same_patch(planted_dir, corpus_file, tmp_p
                 steps["n"] += 1
 
     loaded = load_model(str(planted_dir), device="cpu")
-    part = run_job(loaded, job(), tmp_path / "part", prompts=builtin_prompts(), sink=CountingSink(),
+    part = run_job(loaded, job(), tmp_path / "part", sink=CountingSink(),
                    cancelled=lambda: steps["n"] >= 3)
     assert part["cancelled"] and part["passes"][0]["steps_done"] == 3
     _, resumed, _ = _run(planted_dir, corpus_file, tmp_path / "part", job=job(), resume=True)

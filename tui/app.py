@@ -1,9 +1,12 @@
-"""The head-surgeon workbench: head grid, detail and summary panes, diagnosis and surgery in thread
-workers with live curves and recovery, sessions saved and loaded from the keyboard."""
+"""The head-surgeon workbench: head grid, detail and summary panes, diagnosis in a thread worker, and
+surgery as a run (detached by default) that the workbench follows through its event log.
+
+The workbench never trains in its own model: `o` writes a run directory and starts a runner that loads
+the base weights itself, so every surgery starts from the weights its record names and survives the
+terminal. Attaching (`o`, `L`, `head-surgeon attach`) rebuilds everything from the log, then follows it."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from rich.text import Text
@@ -12,27 +15,45 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
-from textual.worker import get_current_worker
+from textual.worker import WorkerState, get_current_worker
 
-from engine.corpus import CorpusSpec
 from engine.diagnosis import diagnose
 from engine.errors import HeadSurgeonError, InputError
-from engine.events import EvalMetrics, HeadRecovery, MultiSink, PhaseChanged, RunFailed, RunFinished, StepMetrics
+from engine.eventlog import LOG_FILE, LogReader
 from engine.evaluate import EvalSettings, drifted
-from engine.model import load_model, model_identity
-from engine.operation import SurgeryJob, run_job
+from engine.events import DiagnosisProgress, event_from_dict
+from engine.model import check_identity, load_model, model_identity
 from engine.prompts import load_prompts
-from engine.report import HeadReport, Thresholds, classify
-from engine.session import Session, SessionRecorder, default_session_path
+from engine.report import HeadReport
+from engine.runner import RunSpec, cancel, is_live, list_runs, run_state
+from engine.runview import RunHistory, point_report
+from engine.session import Session
 from engine.spec import format_heads, parse_heads
-from engine.surgery import SurgeryPlan
-from engine.train import TrainConfig
+from engine.workflow import (DEFAULT_CORPUS, DEFAULT_STEPS, RUNS_DIR, JobInputs, Launch, create_run,
+                             new_session_path, open_run, start)
 
-from .bridge import EngineEvent, MessageSink, ModelLoaded, ReportReady, SurgeryDone, WorkFailed
+from .bridge import EngineEvent, MessageSink, ModelLoaded, ReportReady, RunLaunched, WorkFailed
 from .headgrid import CLASS_NAMES, GridData, HeadGrid
-from .screens import ConfirmScreen, HelpScreen, PromptScreen, SurgeryScreen
+from .screens import ChoiceScreen, ConfirmScreen, HelpScreen, PromptScreen, SurgeryScreen
 
-RUNS_DIR = Path("runs")
+POLL_S = 0.25  # how often an attached run's log is read
+
+
+def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | None) -> JobInputs:
+    """The surgery dialog's fields and the grid's marks as the same inputs the CLI builds from flags."""
+    try:
+        return JobInputs(targets=format_heads(targets), frozen=format_heads(frozen), corpus=fields["corpus"],
+                         steps=int(fields["steps"]), lr=float(fields["lr"]), seq_len=int(fields["seq_len"]),
+                         seed=int(fields["seed"]), prompts=prompts)
+    except ValueError as exc:
+        raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class HeadSurgeonApp(App[int]):
@@ -46,6 +67,7 @@ class HeadSurgeonApp(App[int]):
         Binding("o", "surgery", "operate"),
         Binding("left_square_bracket", "scrub(-1)", "earlier"),
         Binding("right_square_bracket", "scrub(1)", "later"),
+        Binding("R", "resume_run", "resume run", show=False),
         Binding("s", "save_session", "save"),
         Binding("L", "load_session", "load"),  # `l` is vim-right in the grid
         Binding("m", "open_model", "model"),
@@ -54,21 +76,32 @@ class HeadSurgeonApp(App[int]):
     ]
 
     def __init__(self, model_ref: str | None = None, device: str | None = None, dtype: str | None = None,
-                 prompts_path: str | None = None) -> None:
+                 prompts_path: str | None = None, *, attach: str | None = None, detach: bool = True,
+                 runs_root: str | Path = RUNS_DIR) -> None:
         super().__init__()
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.prompts_path = prompts_path
-        self.loaded = None  # engine LoadedModel: opaque here, only handed back to engine calls
-        self.report = None  # engine HeadReport
-        self.before = None  # the HeadReport before the last surgery (detail pane shows before/after)
-        self.session: Session | None = None
-        self.recovery: dict | None = None  # last HeadRecovery: woken / functional / targets
-        self.drift: int | None = None  # untouched heads that drifted during the current run
-        self.point: int | None = None  # index of the evaluation point shown while scrubbing
-        self.losses: list[float] = []
-        self._consumed = 0  # session events already drawn into the curves
-        self.ppls: list[float] = []
-        self.surgery_defaults = {"corpus": "python-stdlib/json", "steps": 100, "lr": 5e-5, "seq_len": 512, "seed": 0}
+        self.detach = detach  # False: runs execute in a thread of this process (tests, scripting)
+        self.runs_root = Path(runs_root)
+        self.loaded = None  # engine LoadedModel: the unmodified base, only handed to engine calls
+        self.report: HeadReport | None = None  # diagnosis of the base model
+        self.session: Session | None = None  # the session shown (loaded, or the last run's)
+        self.owned: set[Path] = set()  # session files this workbench wrote itself (`s` may update them)
+        self.run: Launch | None = None  # the attached run
+        self.history = RunHistory()
+        self.after: HeadReport | None = None  # the attached run's final diagnosis, once it has one
+        self.point: int | None = None  # index into history.points while scrubbing
+        self.run_state = ""  # running / finished / cancelled / failed / dead of the attached run
+        self._reader: LogReader | None = None
+        self._timer = None
+        self._pending_attach: Launch | None = None
+        if attach is not None:
+            self._pending_attach = open_run(attach)
+            if self.model_ref is None:
+                spec = RunSpec.load(self._pending_attach.run_dir)
+                self.model_ref = spec.model.get("ref")
+                self.device, self.dtype = self.device or spec.model.get("device"), self.dtype or spec.model.get("dtype")
+        self.surgery_defaults = {"corpus": DEFAULT_CORPUS, "steps": DEFAULT_STEPS, "lr": 5e-5, "seq_len": 512, "seed": 0}
 
     # --- layout ---------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -86,13 +119,21 @@ class HeadSurgeonApp(App[int]):
                     yield Sparkline([], id="ppl-curve")
         with Horizontal(id="status-row"):
             yield Static("", id="status")
-            yield ProgressBar(id="progress", show_eta=True)
+            yield ProgressBar(id="progress", show_eta=False)
         yield RichLog(id="log", max_lines=500, markup=False)
         yield Footer()
 
     @property
     def grid(self) -> HeadGrid:
         return self.query_one(HeadGrid)
+
+    @property
+    def losses(self) -> list[float]:
+        return [v for _, v in self.history.losses if v is not None]
+
+    @property
+    def ppls(self) -> list[float]:
+        return self.history.heldout_ppls
 
     def on_mount(self) -> None:
         self.grid.border_title = "layers x heads"
@@ -107,7 +148,12 @@ class HeadSurgeonApp(App[int]):
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
 
-    # --- engine work (thread workers) ----------------------------------------------------------------
+    def _error(self, what: str, message: str) -> None:
+        self.set_status(f"{what} failed")
+        self.log_line(f"{what} failed: {message}")
+        self.notify(message, title=f"{what} failed", severity="error", timeout=8)
+
+    # --- model and diagnosis (thread workers) ------------------------------------------------------
     def open_model(self, ref: str | None) -> None:
         self.set_status(f"loading {ref or 'bundled organism'}…")
         self.query_one(ProgressBar).update(total=None)
@@ -128,7 +174,9 @@ class HeadSurgeonApp(App[int]):
         worker = get_current_worker()
         try:
             prompts = load_prompts(self.prompts_path)
-            report = diagnose(loaded, prompts, sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
+            settings = JobInputs(targets="").diagnosis_settings()
+            settings.prompts = self.prompts_path  # the settings a surgery from here is judged by
+            report = diagnose(loaded, prompts, settings, sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
         except HeadSurgeonError as exc:
             self.post_message(WorkFailed("diagnosis", str(exc)))
             return
@@ -136,14 +184,15 @@ class HeadSurgeonApp(App[int]):
             self.post_message(ReportReady(report))
 
     def on_worker_state_changed(self, event) -> None:
-        from textual.worker import WorkerState
-
         if event.state == WorkerState.ERROR:  # an unexpected failure: one line, never a traceback
             error = event.worker.error
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             if "out of memory" in first.lower():
                 first = "out of memory: try a smaller model or --device cpu"
             self.post_message(WorkFailed(event.worker.group, f"{type(error).__name__}: {first}"))
+        if event.worker.group == "surgery" and event.state in (WorkerState.SUCCESS, WorkerState.ERROR,
+                                                              WorkerState.CANCELLED):
+            self._poll()  # an in-process run ended: read the rest of its log now
 
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
@@ -153,11 +202,32 @@ class HeadSurgeonApp(App[int]):
         self.grid.set_data(GridData(a.n_layer, a.n_head, a.slopes))
         self.sub_title = f"{loaded.name} · {a.n_layer}x{a.n_head} · {loaded.device} {str(loaded.dtype).removeprefix('torch.')}"
         self.log_line(f"loaded {loaded.ref} ({a.n_layer} layers x {a.n_head} heads)")
+        if self._pending_attach is not None:
+            launch, self._pending_attach = self._pending_attach, None
+            self._show_session(launch.session)
+            self.attach(launch)
+            return
         self.refresh_panes()
         self.action_diagnose()
+        self._offer_live_runs()
 
-    def _set_report(self, report) -> None:
-        self.report = report
+    def _offer_live_runs(self) -> None:
+        live = [r for r in list_runs(self.runs_root) if r.state == "running"]
+        if not live:
+            return
+        newest = live[-1]
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                try:
+                    self.attach(open_run(newest.run_dir))
+                except HeadSurgeonError as exc:
+                    self._error("attach", str(exc))
+
+        self.push_screen(ConfirmScreen(f"{len(live)} run(s) live. Attach to {newest.run_dir.name} "
+                                       f"(step {newest.step}/{newest.total_steps or '?'})?"), answer)
+
+    def _set_grid(self, report: HeadReport) -> None:
         data = self.grid.data
         data.bos = report.bos_mass.tolist()
         data.classes = report.classes.tolist()
@@ -166,7 +236,8 @@ class HeadSurgeonApp(App[int]):
     @on(ReportReady)
     def _report_ready(self, message: ReportReady) -> None:
         report = message.report
-        self._set_report(report)
+        self.report, self.after, self.point = report, None, None
+        self._set_grid(report)
         counts = report.counts()
         self.set_status(f"diagnosed {report.n_prompts} prompts, {report.n_tokens} tokens")
         self.log_line("diagnosis: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -175,108 +246,163 @@ class HeadSurgeonApp(App[int]):
 
     @on(WorkFailed)
     def _work_failed(self, message: WorkFailed) -> None:
-        self.set_status(f"{message.what} failed")
-        self.log_line(f"{message.what} failed: {message.message}")
-        self.notify(message.message, title=f"{message.what} failed", severity="error", timeout=8)
+        self._error(message.what, message.message)
         self.query_one(ProgressBar).update(total=1, progress=0)
-
-    @work(thread=True, exclusive=True, group="surgery", exit_on_error=False)
-    def _surgery_worker(self, job: SurgeryJob, out_dir: Path) -> None:
-        worker = get_current_worker()
-        loaded, session = self.loaded, self.session
-        try:
-            session.model = model_identity(loaded)
-            session.set_run_dir(out_dir)
-            sink = MultiSink(MessageSink(self), SessionRecorder(session))
-            report = run_job(loaded, job, out_dir, prompts=load_prompts(self.prompts_path), sink=sink,
-                             cancelled=lambda: worker.is_cancelled, baseline=self.report)
-        except HeadSurgeonError as exc:
-            self.post_message(WorkFailed("surgery", str(exc)))
-            return
-        self.post_message(SurgeryDone(report, str(out_dir)))
 
     @on(EngineEvent)
     def _engine_event(self, message: EngineEvent) -> None:
         event = message.event
-        bar = self.query_one(ProgressBar)
-        if type(event).__name__ == "DiagnosisProgress":
-            bar.update(total=event.total_prompts, progress=event.done_prompts)
-        elif isinstance(event, StepMetrics):
-            bar.update(total=event.total_steps, progress=event.step)
-            self.set_status(f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  "
-                            f"{event.tokens_per_s:,.0f} tok/s")
-            self._sync_curves()
-        elif isinstance(event, EvalMetrics):
-            self._track_drift(event.bos_mass)
-            self._show_bos(event.bos_mass)
-            self.log_line(f"eval step {event.step}: held-out ppl {event.heldout_ppl:.3f}")
-            self._sync_curves()
-        elif isinstance(event, HeadRecovery):
-            self.recovery = {"woken": event.woken, "functional": event.functional, "targets": event.targets}
-            self.refresh_panes()
-        elif isinstance(event, PhaseChanged):
-            self.log_line(f"{event.phase}: {event.detail}")
-        elif isinstance(event, RunFailed):
-            self.notify(event.message, title="surgery stopped", severity="error", timeout=10)
-        elif isinstance(event, RunFinished):
-            self.log_line(f"run finished at step {event.step} (best step {event.best_step})"
-                          + (" - cancelled" if event.cancelled else ""))
+        if isinstance(event, DiagnosisProgress):
+            self.query_one(ProgressBar).update(total=event.total_prompts, progress=event.done_prompts)
 
-    def _track_drift(self, bos_mass: list[list[float]]) -> None:
-        """Untouched heads whose BOS mass moved past the drift threshold since the diagnosis before the run."""
-        if self.report is not None:
-            moved = drifted(self.report.bos_mass, bos_mass, list(self.grid.data.targets), EvalSettings().drift_threshold)
-            self.drift = int(moved.sum())
+    # --- runs: start, attach, follow ---------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def _spawn_worker(self, launch: Launch, resume: bool) -> None:
+        try:
+            start(launch, detach=True, resume=resume)
+        except HeadSurgeonError as exc:
+            self.post_message(WorkFailed("surgery", str(exc)))
+            return
+        self.post_message(RunLaunched(launch))
 
-    def _show_bos(self, bos_mass: list[list[float]]) -> None:
-        """Recolour the grid from a BOS-mass grid (entropy from the last full diagnosis)."""
-        import numpy as np
+    @work(thread=True, exclusive=True, group="surgery", exit_on_error=False)
+    def _run_worker(self, launch: Launch, resume: bool) -> None:
+        worker = get_current_worker()
+        try:
+            start(launch, detach=False, resume=resume, cancelled=lambda: worker.is_cancelled)
+        except HeadSurgeonError as exc:
+            self.post_message(WorkFailed("surgery", str(exc)))
 
-        data = self.grid.data
-        bos = np.asarray(bos_mass, dtype=float)
-        entropy = self.report.entropy if self.report is not None else np.full(bos.shape, 9.9)
-        thresholds = self.report.thresholds if self.report is not None else Thresholds()
-        data.bos = bos.tolist()
-        data.classes = classify(bos, entropy, thresholds).tolist()
-        self.grid.set_data(data)
+    def _start_run(self, launch: Launch, resume: bool = False) -> None:
+        self.attach(launch, fresh=not resume)
+        self.set_status("surgery starting…")
+        self.query_one(ProgressBar).update(total=None, progress=0)
+        if self.detach:
+            self._spawn_worker(launch, resume)
+        else:
+            self._run_worker(launch, resume)
 
-    def _sync_curves(self) -> None:
-        """Extend the curves from the session's recorded events: step messages may coalesce when the UI
-        falls behind, the recording never drops one."""
-        events = self.session.events if self.session is not None else []
-        for e in events[self._consumed:]:
-            if e.get("kind") == StepMetrics.kind and e.get("loss") is not None:
-                self.losses.append(e["loss"])
-            elif e.get("kind") == EvalMetrics.kind and e.get("heldout_ppl") is not None:
-                self.ppls.append(e["heldout_ppl"])
-        self._consumed = len(events)
+    @on(RunLaunched)
+    def _run_launched(self, message: RunLaunched) -> None:
+        self.log_line(f"run {message.launch.run_dir} started (pid {message.launch.pid}); it keeps going if you quit")
+
+    def attach(self, launch: Launch, fresh: bool = False) -> None:
+        """Show a run: rebuild its history from the log, then follow the log while the run is live."""
+        if self._timer is not None:
+            self._timer.stop()
+        self.run, self.session = launch, launch.session
+        self.history, self.after, self.point, self.run_state = RunHistory(), None, None, ""
+        self._reader = LogReader(launch.run_dir / LOG_FILE)
+        if not fresh:
+            self.log_line(f"attached to {launch.run_dir}")
+        self._poll()
+        self._timer = self.set_interval(POLL_S, self._poll)
+
+    def _poll(self) -> None:
+        if self.run is None or self._reader is None:
+            return
+        live = is_live(self.run.run_dir)
+        records = self._reader.read_new(final=not live)
+        for record in records:
+            try:
+                self.history.apply(event_from_dict(record))
+            except (TypeError, ValueError):
+                continue  # a record from another version: skip it, keep the rest
+        in_process = any(w.is_running for w in self.workers if w.group in ("surgery", "launch"))
+        state = "running" if live or in_process else run_state(self.run.run_dir).state
+        if records or state != self.run_state:
+            self.run_state = state
+            self._redraw_run()
+        if state not in ("running",) and self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+
+    def _redraw_run(self) -> None:
+        h, bar = self.history, self.query_one(ProgressBar)
+        if h.total_steps:
+            bar.update(total=h.total_steps, progress=h.step)
+        if self.run_state == "running":
+            last = f"loss {h.losses[-1][1]:.4f}  " if h.losses and h.losses[-1][1] is not None else ""
+            self.set_status(f"{h.phase} step {h.step}/{h.total_steps or '?'}  {last}{h.tokens_per_s:,.0f} tok/s  "
+                            f"ETA {_duration(h.eta_s())}" if h.total_steps else f"{h.phase}: {h.detail}")
+        elif self.run_state == "finished":
+            self._finished()
+        elif self.run_state == "failed":
+            self.set_status(f"run failed: {h.message}"[:200])
+            self.notify(h.message, title="surgery failed", severity="error", timeout=10)
+        elif self.run_state == "cancelled":
+            self.set_status(f"run cancelled at step {h.step}: R resumes it")
+        elif self.run_state == "dead":
+            self.set_status(f"run dead at step {h.step} (its runner is gone): R resumes it")
+            self.notify(f"the runner of {self.run.run_dir.name} is gone: R resumes from the last saved state",
+                        title="run dead", severity="warning", timeout=10)
+        if self.point is None:
+            self._show(self._latest_report())
         self._update_curves()
-
-    def _update_curves(self) -> None:
-        self.query_one("#loss-curve", Sparkline).data = list(self.losses)
-        self.query_one("#ppl-curve", Sparkline).data = list(self.ppls)
-        if self.losses:
-            self.query_one("#loss-label", Label).update(f"loss {self.losses[-1]:.3f}")
-        if self.ppls:
-            self.query_one("#ppl-label", Label).update(f"ppl {self.ppls[-1]:.2f}")
-
-    @on(SurgeryDone)
-    def _surgery_done(self, message: SurgeryDone) -> None:
-        report = message.report
-        self.before = self.report
-        self._set_report(HeadReport.from_json(report["diagnosis_after"]))
-        rec = report["recovery"]
-        self.recovery = {k: rec[k] for k in ("woken", "functional", "targets")}
-        ppl = report["ppl"]
-        self.set_status(f"surgery done: woken {rec['woken']} / functional {rec['functional']} / targets "
-                        f"{rec['targets']}; held-out ppl {ppl['heldout_before']:.2f} -> {ppl['heldout_after']:.2f}")
-        self.log_line(f"patch and report in {message.out_dir}; drift {report['drift']['drifted']} heads, "
-                      f"iatrogenic {len(report['iatrogenic'])}")
-        if self.session is not None and self.session.path is not None:
-            self.session.save()
         self.refresh_panes()
 
-    # --- panes ------------------------------------------------------------------------------------------
+    def _finished(self) -> None:
+        import json
+
+        report_file = self.run.run_dir / "report.json"
+        try:
+            report = json.loads(report_file.read_text())
+        except (OSError, ValueError):
+            self.set_status("run finished")
+            return
+        self.after = HeadReport.from_json(report["diagnosis_after"])
+        rec, ppl = report["recovery"], report["ppl"]
+        self.set_status(f"surgery done: woken {rec['woken']} / functional {rec['functional']} / targets "
+                        f"{rec['targets']}; held-out ppl {ppl['heldout_before']:.2f} -> {ppl['heldout_after']:.2f}")
+        self.log_line(f"patch and report in {self.run.run_dir}; drift {report['drift']['drifted']} heads, "
+                      f"iatrogenic {len(report['iatrogenic'])}")
+
+    def _latest_report(self) -> HeadReport | None:
+        if self.after is not None:
+            return self.after
+        if self.history.points and self.report is not None:
+            return point_report(self.history.points[-1], self.report)
+        return self.report
+
+    def _show(self, report: HeadReport | None) -> None:
+        if report is not None:
+            self._set_grid(report)
+
+    def _update_curves(self) -> None:
+        losses, ppls = self.losses, self.ppls
+        self.query_one("#loss-curve", Sparkline).data = losses
+        self.query_one("#ppl-curve", Sparkline).data = ppls
+        self.query_one("#loss-label", Label).update(f"loss {losses[-1]:.3f}" if losses else "loss")
+        self.query_one("#ppl-label", Label).update(f"ppl {ppls[-1]:.2f}" if ppls else "held-out ppl")
+
+    # --- what the panes show ---------------------------------------------------------------------------
+    def shown_report(self) -> HeadReport | None:
+        """The statistics on screen: a scrubbed point, else the run's latest, else the base diagnosis."""
+        if self.point is not None and self.report is not None:
+            return point_report(self.history.points[self.point], self.report)
+        return self._latest_report() if self.run is not None else self.report
+
+    def before_report(self) -> HeadReport | None:
+        """The model before the attached run's operation (its first point), for `was` values and drift."""
+        points = self.history.points
+        if points and points[0].label == "before" and self.report is not None:
+            return point_report(points[0], self.report)
+        return None
+
+    @property
+    def recovery(self) -> dict | None:
+        rec = (self.history.recovery_at(self.history.points[self.point]) if self.point is not None
+               else self.history.latest_recovery())
+        return None if rec is None else {"woken": rec.woken, "functional": rec.functional, "targets": rec.targets}
+
+    @property
+    def drift(self) -> int | None:
+        before, shown = self.before_report(), self.shown_report()
+        if before is None or shown is None or shown is before:
+            return None
+        targets = list(self.grid.data.targets)
+        return int(drifted(before.bos_mass, shown.bos_mass, targets, EvalSettings().drift_threshold).sum())
+
     @on(HeadGrid.CursorMoved)
     @on(HeadGrid.MarksChanged)
     def refresh_panes(self) -> None:
@@ -289,44 +415,43 @@ class HeadSurgeonApp(App[int]):
             return Text("no model loaded", style="dim")
         layer, head = self.grid.cursor
         text = Text(f"L{layer}.H{head}", style="bold")
-        text.append(f"   slope {data.slopes[head]:.4g}\n")
+        text.append(f"  slope {data.slopes[head]:.4g}\n")
         if (layer, head) in data.targets:
-            text.append("target\n", style="bold")
+            text.append("target ", style="bold")
         elif (layer, head) in data.frozen:
-            text.append("frozen\n", style="bold")
-        if self.report is None:
+            text.append("frozen ", style="bold")
+        report = self.shown_report()
+        if report is None:
             text.append("not diagnosed yet (d)", style="dim")
             return text
-        info = self.report.head(layer, head)
+        info = report.head(layer, head)
         text.append(info["class"] + "\n", style=self.grid.class_style(info["class"]))
-        before = self.before.head(layer, head) if self.before is not None else None
-        for key, label in (("bos_mass", "BOS mass"), ("entropy", "entropy"), ("local_mass", "local mass"),
-                           ("contribution", "contribution")):
-            was = f" (was {before[key]:.3f})" if before is not None else ""
-            text.append(f"{label:<13}{info[key]:.3f}{was}\n")
+        before = self.before_report()
+        was = before.head(layer, head) if before is not None and before is not report else None
+        for key, label in (("bos_mass", "BOS"), ("entropy", "entropy"), ("local_mass", "local"),
+                           ("contribution", "contrib")):
+            text.append(f"{label:<8}{info[key]:.3f}" + (f" (was {was[key]:.3f})" if was is not None else "") + "\n")
         return text
 
     def _summary_text(self) -> Text:
         data = self.grid.data
         text = Text()
-        counts = self.report.counts() if self.report is not None else {}
+        report = self.shown_report()
+        counts = report.counts() if report is not None else {}
         for name in CLASS_NAMES:
-            count = counts.get(name, "-")
             text.append("  ", style=self.grid.class_style(name))
-            text.append(f" {name:<12}{count}\n")
-        if self.report is not None:
-            text.append("\nmean BOS by head\n", style="bold")
-            means = self.report.column_mean_bos()
-            text.append(" ".join(f"{h}:{100 * m:.0f}" for h, m in enumerate(means)) + "\n", style="dim")
-        text.append(f"\ntargets  {len(data.targets)}   frozen {len(data.frozen)}\n")
-        if self.recovery is not None:
-            r = self.recovery
+            text.append(f" {name:<12}{counts.get(name, '-')}\n")
+        text.append(f"targets {len(data.targets)}  frozen {len(data.frozen)}\n")
+        recovery = self.recovery
+        if recovery is not None:
+            r = recovery
             text.append(f"woken {r['woken']} / functional {r['functional']} / targets {r['targets']}\n", style="bold")
-        if self.drift is not None:
-            text.append(f"drift {self.drift} untouched heads\n")
-        if data.targets:
-            spec = format_heads(data.targets)
-            text.append(spec if len(spec) < 90 else spec[:87] + "…", style="dim")
+        drift = self.drift
+        if drift is not None:
+            text.append(f"drift {drift} untouched heads\n")
+        if self.run is not None:
+            where = f"point {self.point + 1}/{len(self.history.points)}" if self.point is not None else self.run_state
+            text.append(f"run {where}\n", style="dim")
         return text
 
     # --- actions ----------------------------------------------------------------------------------------
@@ -349,7 +474,7 @@ class HeadSurgeonApp(App[int]):
 
     def action_mark_spec(self) -> None:
         data = self.grid.data
-        hint = f"e.g. 5-22.9-15 (layers 5-22, heads 9-15), 3.*, sick   ·   {data.n_layer} layers x {data.n_head} heads"
+        hint = f"e.g. 5-22.9-15 (layers 5-22, heads 9-15), 3.*, sick · {data.n_layer} layers x {data.n_head} heads"
         self.push_screen(PromptScreen("Mark targets by head spec", "LAYER.HEAD items", hint=hint), self._apply_spec)
 
     def _apply_spec(self, spec: str | None) -> None:
@@ -373,10 +498,10 @@ class HeadSurgeonApp(App[int]):
         if not data.targets:
             self.notify("mark target heads first (space, r, c, b or a)", severity="warning")
             return
-        if any(w.is_running for w in self.workers if w.group == "surgery"):
-            self.notify("a surgery is already running", severity="warning")
+        if self.run is not None and self.run_state == "running":
+            self.notify("a surgery is already running: wait for it, or quit and cancel it", severity="warning")
             return
-        summary = f"{len(data.targets)} targets: {format_heads(data.targets)[:60]}   frozen: {len(data.frozen)}"
+        summary = f"{len(data.targets)} targets: {format_heads(data.targets)[:50]}  frozen: {len(data.frozen)}"
         self.push_screen(SurgeryScreen(summary, self.surgery_defaults), self._start_surgery)
 
     def _start_surgery(self, fields: dict | None) -> None:
@@ -384,120 +509,134 @@ class HeadSurgeonApp(App[int]):
             return
         data = self.grid.data
         try:
-            try:
-                steps, lr, seq_len, seed = (int(fields["steps"]), float(fields["lr"]), int(fields["seq_len"]),
-                                            int(fields["seed"]))
-            except ValueError as exc:
-                raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
-            if not fields["corpus"]:
-                raise InputError("give a corpus: a text file, directory, hub dataset id or python-stdlib/PKG")
-            plan = SurgeryPlan(sorted(data.targets), sorted(data.frozen), seed=seed)
-            train = TrainConfig(steps=steps, lr=lr, seq_len=seq_len, seed=seed, eval_every=max(1, steps // 10))
-            job = SurgeryJob([plan], CorpusSpec(fields["corpus"]), train, EvalSettings(thresholds=self.report.thresholds))
+            inputs = dialog_job_inputs(fields, data.targets, data.frozen, self.prompts_path)
+            inputs.check()
+            job = inputs.build_job(self.loaded.adapter, self.report.sick())
+            derived = self.session if self.session is not None and self.session.path is not None else None
+            launch = create_run(self.loaded, job, baseline=self.report, derived_from=derived,
+                                marks={"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)},
+                                device=self.device, dtype=self.dtype, root=self.runs_root)
         except HeadSurgeonError as exc:
-            self.notify(str(exc), title="surgery", severity="error")
+            self.notify(str(exc), title="surgery", severity="error", timeout=10)
             return
         self.surgery_defaults = {**fields}
-        self.session = self._session_snapshot(self.session)
-        if self.session.path is None:  # autosave at every evaluation and checkpoint needs a file
-            self.session.path = default_session_path(self.loaded.name)
-        self.session.job = job.to_dict()
-        self.session.events = []
-        self.session.log("operate", targets=format_heads(plan.targets), frozen=format_heads(plan.frozen))
-        self.losses, self.ppls, self.recovery, self.drift, self._consumed = [], [], None, None, 0
-        self._update_curves()
-        out = RUNS_DIR / f"{self.loaded.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.set_status("surgery starting…")
-        self.query_one(ProgressBar).update(total=None, progress=0)
-        self._surgery_worker(job, out)
+        self._start_run(launch)
 
-    def _session_snapshot(self, session: Session | None) -> Session:
-        """The current work as a session (model, diagnosis, marks), keeping a loaded session's history."""
+    def action_resume_run(self) -> None:
+        if self.run is None or self.run_state not in ("dead", "cancelled"):
+            self.notify("no dead or cancelled run to resume here", severity="warning")
+            return
+        self._start_run(self.run, resume=True)
+
+    def _snapshot(self) -> Session:
+        """The current work as a new session (model, diagnosis settings and report, marks, the run shown)."""
         data = self.grid.data
-        if session is None:
-            session = Session(model={"ref": self.loaded.ref, "n_layer": data.n_layer, "n_head": data.n_head})
+        session = self.session.derive() if self.session is not None else Session(model=model_identity(self.loaded))
+        session.model = model_identity(self.loaded)
         session.report = self.report.to_json() if self.report is not None else None
         session.marks = {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)}
-        session.diagnosis = {"prompts": self.prompts_path,
-                             "thresholds": vars(self.report.thresholds) if self.report is not None else {}}
+        settings = JobInputs(targets="").diagnosis_settings()
+        settings.prompts = self.prompts_path
+        session.diagnosis = settings.to_dict()
+        if self.run is not None:
+            session.set_run_dir(self.run.run_dir)
+            session.status = self.run_state or session.status
         return session
 
     def action_save_session(self) -> None:
         if self.loaded is None:
             self.notify("nothing to save: no model loaded", severity="warning")
             return
-        self.session = self._session_snapshot(self.session)
-        if self.session.job is None or "weights_hash" not in self.session.model:
-            self.session.model = model_identity(self.loaded)
-        path = self.session.path or default_session_path(self.loaded.name)
         try:
-            self.session.save(path)
-        except OSError as exc:
-            self.notify(f"cannot save {path}: {exc}", severity="error")
+            mine = self.session is not None and self.session.path is not None and self.session.path in self.owned
+            path = self.session.path if mine else new_session_path(self.loaded.name)
+            session = self._snapshot()
+            if mine:
+                session.derived_from = self.session.derived_from
+            session.log("save")
+            session.save(path)
+        except HeadSurgeonError as exc:
+            self.notify(str(exc), title="save session", severity="error", timeout=10)
             return
-        self.notify(f"session saved to {path}", title="saved")
-        self.log_line(f"session saved to {path}")
+        self.session = session
+        self.owned.add(session.path)
+        self.notify(f"session saved to {session.path}", title="saved")
+        self.log_line(f"session saved to {session.path}")
 
     def action_load_session(self) -> None:
-        self.push_screen(PromptScreen("Load session", "path to a session .json", "sessions/",
-                                      "shows the recorded grid, marks, curves and recovery without recomputing"),
+        self.push_screen(PromptScreen("Load session", "path to a session .json or a run directory", "sessions/",
+                                      "shows the recorded grid, marks, curves and recovery without recomputing; "
+                                      "the file is never changed"),
                          self._load_session)
 
     def _load_session(self, path: str | None) -> None:
         if not path:
             return
+        if self.loaded is None:
+            self.notify("no model loaded yet", severity="warning")
+            return
         try:
             session = Session.load(path)
-            report = HeadReport.from_json(session.report) if session.report else None
+            check_identity(session.model, self.loaded, f"session {path}")
         except HeadSurgeonError as exc:
-            self.notify(str(exc), title="load session", severity="error", timeout=8)
+            self.notify(str(exc), title="load session", severity="error", timeout=10)
             return
+        self._show_session(session)
+        run = session.run_path()
+        if run is not None and (run / LOG_FILE).is_file():
+            self.attach(Launch(run, session))
+        else:
+            self._show_legacy(session)
+        self.log_line(f"loaded session {path} ({len(session.actions)} actions); it is read-only: s saves a new one")
+
+    def _show_session(self, session: Session) -> None:
+        """Report, marks and surgery defaults of a session (the run, if any, is attached separately)."""
         data = self.grid.data
-        shape = (session.model.get("n_layer"), session.model.get("n_head"))
-        if shape != (data.n_layer, data.n_head):
-            self.notify(f"session is for a {shape[0]}x{shape[1]} model ({session.model.get('ref')}): open it first (m)",
-                        title="load session", severity="error", timeout=8)
-            return
         self.session = session
+        report = HeadReport.from_json(session.report) if session.report else None
         if report is not None:
-            self._set_report(report)
+            self.report = report
+            self._set_grid(report)
         sick = report.sick() if report is not None else None
         marks = {k: parse_heads(v, data.n_layer, data.n_head, sick) if v else [] for k, v in session.marks.items()}
         self.grid.set_marks(targets=set(marks.get("targets", [])), frozen=set(marks.get("frozen", [])))
-        self.losses, self.ppls, self._consumed = [], [], 0
-        recoveries = [e for e in session.events if e.get("kind") == HeadRecovery.kind]
-        self.recovery = {k: recoveries[-1][k] for k in ("woken", "functional", "targets")} if recoveries else None
         if session.job:  # `o` re-runs the recorded job's settings on the current marks
             train, corpus = session.job.get("train", {}), session.job.get("corpus", {})
-            self.surgery_defaults = {"corpus": corpus.get("source", ""), "steps": train.get("steps") or 100,
+            self.surgery_defaults = {"corpus": corpus.get("source", ""), "steps": train.get("steps") or DEFAULT_STEPS,
                                      "lr": train.get("lr", 5e-5), "seq_len": train.get("seq_len", 512),
                                      "seed": train.get("seed", 0)}
-        points = session.eval_points()
-        self.point = None
-        if points:
-            self._show_bos(points[-1]["bos_mass"])
-        self._sync_curves()
         self.refresh_panes()
-        self.set_status(f"session {path}: {session.status}, {len(points)} evaluation points")
-        self.log_line(f"loaded session {path} ({len(session.actions)} actions)")
+
+    def _show_legacy(self, session: Session) -> None:
+        """A schema 1 session embeds its events: replay them into the history (nothing to follow)."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self.run, self.after, self.point = None, None, None
+        self.history = RunHistory()
+        for event in session.events():
+            self.history.apply(event)
+        if self.history.points and self.report is not None:
+            self._show(point_report(self.history.points[-1], self.report))
+        self._update_curves()
+        self.refresh_panes()
+        self.set_status(f"session {session.path}: {session.status}, {len(self.history.points)} evaluation points")
 
     def action_scrub(self, delta: int) -> None:
-        """Step through the recorded evaluation points (grid, recovery, ppl) without recomputing."""
-        points = self.session.eval_points() if self.session is not None else []
-        if not points:
+        """Step through the evaluation points (grid, detail and summary together); the first is the model
+        before the operation."""
+        points = self.history.points
+        if not points or self.report is None:
             self.notify("no recorded evaluation points: run surgery (o) or load a session (L)", severity="warning")
             return
         last = len(points) - 1
         self.point = min(max((last if self.point is None else self.point) + delta, 0), last)
         point = points[self.point]
-        self._show_bos(point["bos_mass"])
-        recoveries = {e["step"]: e for e in self.session.events if e.get("kind") == HeadRecovery.kind}
-        rec = recoveries.get(point["step"])
-        if rec is not None:
-            self.recovery = {k: rec[k] for k in ("woken", "functional", "targets")}
+        self._show(self.shown_report())
         self.refresh_panes()
-        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: step {point['step']}, "
-                        f"held-out ppl {point['heldout_ppl']:.3f}   ([ / ] to move)")
+        what = "before the operation" if point.label == "before" else f"{point.label} step {point.step}"
+        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: {what}, held-out ppl "
+                        f"{point.heldout_ppl:.3f}   ([ / ] to move)")
 
     def action_open_model(self) -> None:
         current = self.loaded.ref if self.loaded is not None else ""
@@ -517,21 +656,39 @@ class HeadSurgeonApp(App[int]):
             lines.append(f"| `{keys}` | {binding.description or binding.action} |")
         lines += ["", "Grid cells: colour = class, number = BOS mass in percent (capped at 99), `+` target, `=` frozen.",
                   "Column headers are head indices; the detail pane shows each head's ALiBi slope.",
+                  "Surgery runs in its own process: quitting leaves it going; `head-surgeon attach RUN` returns to it.",
                   "", "ctrl+p opens the command palette."]
         return "\n".join(lines)
 
     def action_quit_app(self) -> None:
-        running = [w for w in self.workers if w.is_running]
-        if not running:
-            self.exit(0)
+        in_process = [w for w in self.workers if w.is_running and w.group == "surgery"]
+        if in_process:
+            def stop(yes: bool | None) -> None:
+                if yes:
+                    self.set_status("stopping the run at its next step…")
+                    self.workers.cancel_all()
+                    self.exit(0)
+
+            self.push_screen(ConfirmScreen("A surgery runs in this process. Stop it at its next step and quit?"), stop)
             return
+        if self.run is not None and self.run_state == "running":
+            run_dir = self.run.run_dir
 
-        def answer(yes: bool | None) -> None:
-            if yes:
-                self.workers.cancel_all()
-                self.exit(0)
+            def choose(key: str | None) -> None:
+                if key == "l":
+                    self.exit(0)
+                elif key == "c":
+                    try:
+                        self.notify(cancel(run_dir))
+                    except HeadSurgeonError as exc:
+                        self.notify(str(exc), severity="warning")
+                    self.exit(0)
 
-        self.push_screen(ConfirmScreen("Work is in progress. Cancel it and quit?"), answer)
+            self.push_screen(ChoiceScreen(f"Run {run_dir.name} is still going.",
+                                          {"l": "leave it running and quit", "c": "cancel the run and quit"}), choose)
+            return
+        self.workers.cancel_all()
+        self.exit(0)
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
@@ -541,6 +698,7 @@ class HeadSurgeonApp(App[int]):
         yield SystemCommand("Mark all sick heads", "Target every non-healthy head", self.action_mark_sick)
         yield SystemCommand("Clear marks", "Unmark every target and frozen head", self.action_clear_marks)
         yield SystemCommand("Surgery", "Re-initialise and retrain the marked heads", self.action_surgery)
+        yield SystemCommand("Resume run", "Continue the attached dead or cancelled run", self.action_resume_run)
         yield SystemCommand("Save session", "Save model, diagnosis, marks and run to sessions/", self.action_save_session)
         yield SystemCommand("Load session", "Show a saved session's grid, curves and recovery", self.action_load_session)
         yield SystemCommand("Help", "List every key", self.action_help)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from engine.events import DiagnosisProgress
+
 
 class EngineEvent(Message):
     """An engine event (a dataclass from engine.events), delivered on the UI thread."""
@@ -15,7 +17,7 @@ class EngineEvent(Message):
     def can_replace(self, message: Message) -> bool:
         # progress events of the same kind coalesce when the UI falls behind
         return isinstance(message, EngineEvent) and type(message.event) is type(self.event) and \
-            type(self.event).__name__ in ("DiagnosisProgress", "StepMetrics")
+            isinstance(self.event, DiagnosisProgress)
 
 
 class ModelLoaded(Message):
@@ -46,9 +48,9 @@ class MessageSink:
         self.target.post_message(EngineEvent(event))
 
 
-class SurgeryDone(Message):
-    """A surgery job finished; `report` is the engine's report dict (JSON-safe)."""
+class RunLaunched(Message):
+    """A detached runner holds its run (the engine's workflow.Launch, with its pid)."""
 
-    def __init__(self, report: dict, out_dir: str) -> None:
+    def __init__(self, launch) -> None:
         super().__init__()
-        self.report, self.out_dir = report, out_dir
+        self.launch = launch

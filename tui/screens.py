@@ -91,3 +91,31 @@ class SurgeryScreen(ModalScreen[dict | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ChoiceScreen(ModalScreen[str | None]):
+    """A question with a few one-key answers; returns the chosen key, or None on escape."""
+
+    BINDINGS = [Binding("escape", "choose(None)", "stay")]
+
+    def __init__(self, question: str, choices: dict[str, str]) -> None:
+        super().__init__()
+        self.question, self.choices = question, choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question, classes="title")
+            for key, label in self.choices.items():
+                yield Button(f"{label} ({key})", id=f"choice-{key}")
+            yield Label("esc: stay", classes="hint")
+
+    def on_key(self, event) -> None:
+        if event.key in self.choices:
+            event.stop()
+            self.dismiss(event.key)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id.removeprefix("choice-"))
+
+    def action_choose(self, key: str | None) -> None:
+        self.dismiss(key)

@@ -1,0 +1,322 @@
+"""A run: one surgery job executing in its own run directory, in this process or detached in its own.
+
+    RUN_DIR/run.json       what to run: model reference and identity, the job, the session to keep honest
+    RUN_DIR/events.jsonl   the one record of its progress (engine.eventlog)
+    RUN_DIR/runner.lock    held (flock) by the runner while it is alive: a reader tells live from dead
+    RUN_DIR/cancel         present: stop at the next step boundary, keep a resumable state
+    RUN_DIR/runner.log     a detached runner's stdout and stderr
+
+`execute` runs a job in this process (tests, scripting, `operate` without --detach); `spawn` starts
+`python -m engine.runner RUN_DIR` in a new process session, so it survives the terminal that started it.
+Both write the same files, and every viewer (the workbench, `runs`, `attach`) reads only them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .atomic import atomic_write_text
+from .errors import HeadSurgeonError, InputError
+from .eventlog import LOG_FILE, EventLog, read_records
+
+RUN_FILE = "run.json"
+LOCK_FILE = "runner.lock"
+CANCEL_FILE = "cancel"
+RUNNER_LOG = "runner.log"
+RUN_FORMAT = "head-surgeon-run"
+STATES = ("running", "finished", "cancelled", "failed", "dead")
+
+
+@dataclass
+class RunSpec:
+    """What a runner needs to execute a job without asking anyone: written once into run.json."""
+
+    model: dict[str, Any]  # ref, revision, device, dtype: how to load the base model
+    identity: dict[str, Any]  # engine.model.model_identity of that base: checked after loading
+    job: dict[str, Any]  # SurgeryJob.to_dict()
+    session: str | None = None  # absolute path of the session this run keeps up to date
+    created: float = 0.0
+
+    def save(self, run_dir: Path) -> None:
+        data = {"format": RUN_FORMAT, "model": self.model, "identity": self.identity, "job": self.job,
+                "session": self.session, "created": self.created or time.time()}
+        atomic_write_text(run_dir / RUN_FILE, json.dumps(data, indent=1, allow_nan=False))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunSpec":
+        path = Path(run_dir) / RUN_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != RUN_FORMAT:
+                raise ValueError("not a run file")
+            return cls(data["model"], data["identity"], data["job"], data.get("session"), float(data["created"]))
+        except FileNotFoundError:
+            raise InputError(f"{run_dir} is not a run directory (no {RUN_FILE}): pass one that `runs` lists") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path} is damaged or from another version ({exc}); the directory was left as it is") from exc
+
+
+# --- liveness ---------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive flock on RUN_DIR/runner.lock, released when the holder exits, however it exits."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def is_live(run_dir: str | Path) -> bool:
+    """True while some process holds the run's lock."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@dataclass
+class RunStatus:
+    """What `runs` lists and the workbench shows about a run, read from its files alone."""
+
+    run_dir: Path
+    state: str  # running | finished | cancelled | failed | dead
+    step: int
+    total_steps: int
+    targets: str
+    heldout_ppl: float | None
+    model: str
+    created: float
+    message: str = ""  # why it failed
+
+
+def run_state(run_dir: str | Path) -> RunStatus:
+    """The state of a run from its lock and event log; a runner that vanished mid-run reads as dead."""
+    run_dir = Path(run_dir)
+    spec = RunSpec.load(run_dir)
+    live = is_live(run_dir)
+    records = read_records(run_dir / LOG_FILE, warn=False) if (run_dir / LOG_FILE).is_file() else []
+    step = total = 0
+    ppl, message, terminal = None, "", None
+    for r in records:
+        kind = r.get("kind")
+        if kind == "step":
+            step, total = r["step"], r["total_steps"]
+        elif kind == "resumed":
+            step = r["step"]
+        elif kind == "eval" and r.get("heldout_ppl") is not None:
+            ppl = r["heldout_ppl"]
+        if kind in ("finished", "failed"):
+            terminal, message = r, r.get("message", "")
+        elif kind == "started":
+            terminal = None
+    if live:
+        state = "running"
+    elif terminal is None:
+        state = "dead"
+    elif terminal["kind"] == "failed":
+        state = "failed"
+    else:
+        state = "cancelled" if terminal.get("cancelled") else "finished"
+    targets = ",".join(p.get("targets", "") for p in spec.job.get("plans", []))
+    return RunStatus(run_dir, state, step, total, targets, ppl, str(spec.identity.get("ref", spec.model.get("ref"))),
+                     spec.created, message)
+
+
+def list_runs(root: str | Path) -> list[RunStatus]:
+    """Every run directory directly under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = []
+    for d in root.iterdir():
+        if (d / RUN_FILE).is_file():
+            try:
+                runs.append(run_state(d))
+            except InputError:
+                continue
+    return sorted(runs, key=lambda r: r.created)
+
+
+def cancel(run_dir: str | Path) -> str:
+    """Ask a live runner to stop at its next step boundary; a one-line refusal for any other run."""
+    status = run_state(run_dir)
+    if status.state != "running":
+        fix = {"dead": f": continue it with head-surgeon resume {run_dir}",
+               "cancelled": f": continue it with head-surgeon resume {run_dir}"}.get(status.state, "")
+        raise InputError(f"run {run_dir} is {status.state}; there is nothing to cancel{fix}")
+    (Path(run_dir) / CANCEL_FILE).touch()
+    return f"asked run {run_dir} to stop at its next step (it keeps a resumable state)"
+
+
+# --- executing ---------------------------------------------------------------------------------------
+class _Tracker:
+    """Remembers the last step and whether a terminal event was already logged."""
+
+    def __init__(self) -> None:
+        self.step, self.terminal = 0, False
+
+    def emit(self, event) -> None:
+        if event.kind in ("step", "resumed"):
+            self.step = event.step
+        self.terminal = self.terminal or event.kind in ("finished", "failed")
+
+
+def _update_session(spec: RunSpec, status: str) -> None:
+    from .session import Session
+
+    if spec.session and Path(spec.session).is_file():
+        session = Session.load(spec.session)
+        session.status = status
+        session.save()
+
+
+def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=None, sink=None,
+            cancelled: Callable[[], bool] = lambda: False, lock: RunLock | None = None) -> dict[str, Any]:
+    """Run (or, with `resume`, continue) the job in `run_dir` in this process and return its report.
+
+    `loaded` may hand over a freshly loaded, unmodified base model (it must match the run's identity);
+    otherwise the runner loads it. Every event goes to the run's log and to `sink`. `lock`: the run's
+    lock, already held by the caller."""
+    from .events import MultiSink, RunFailed, RunStarted
+    from .model import check_identity, load_model
+    from .operation import SurgeryJob, run_job
+
+    run_dir = Path(run_dir)
+    spec = RunSpec.load(run_dir)
+    lock = lock or RunLock(run_dir)
+    if not lock.held and not lock.acquire():
+        raise InputError(f"run {run_dir} is already running in another process: attach to it or cancel it")
+    cancel_file = run_dir / CANCEL_FILE
+    try:
+        cancel_file.unlink(missing_ok=True)
+        tracker = _Tracker()
+        with EventLog(run_dir) as log:
+            events = MultiSink(log, tracker, sink)
+            events.emit(RunStarted(os.getpid(), resume))
+            _update_session(spec, "running")
+            status = "failed"
+            try:
+                if loaded is None:
+                    m = spec.model
+                    loaded = load_model(m.get("ref"), device=m.get("device"), dtype=m.get("dtype"),
+                                        revision=m.get("revision"))
+                check_identity(spec.identity, loaded, f"run {run_dir}")
+                job = SurgeryJob.from_dict(spec.job, loaded.adapter)
+                report = run_job(loaded, job, run_dir, sink=events, baseline=None if resume else baseline,
+                                 resume=resume, cancelled=lambda: cancelled() or cancel_file.exists())
+                status = "cancelled" if report.get("cancelled") else "finished"
+                return report
+            except BaseException as exc:
+                if not tracker.terminal and not isinstance(exc, KeyboardInterrupt):
+                    events.emit(RunFailed(tracker.step, _one_line(exc)))
+                elif isinstance(exc, KeyboardInterrupt):
+                    status = "interrupted"
+                raise
+            finally:
+                _update_session(spec, status)
+    finally:
+        lock.release()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, HeadSurgeonError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if "out of memory" in first.lower():
+        return "out of memory: use a smaller --seq-len or --micro-batch, or a smaller model"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def spawn(run_dir: str | Path, *, resume: bool = False, wait_s: float = 60.0) -> int:
+    """Start a detached runner for `run_dir` (own process session: it outlives the terminal and a hangup)
+    and return its pid once it holds the run's lock."""
+    run_dir = Path(run_dir).resolve()
+    if is_live(run_dir):
+        raise InputError(f"run {run_dir} is already running: attach to it or cancel it")
+    cmd = [sys.executable, "-m", "engine.runner", str(run_dir)] + (["--resume"] if resume else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    root = str(Path(__file__).resolve().parents[1])  # the engine importable from anywhere
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    with open(run_dir / RUNNER_LOG, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env, close_fds=True)
+    deadline = time.monotonic() + wait_s
+    while not is_live(run_dir):
+        if proc.poll() is not None:
+            tail = (run_dir / RUNNER_LOG).read_text(errors="replace").strip().splitlines()
+            raise InputError(f"the runner for {run_dir} exited at once: {tail[-1] if tail else 'no output'}")
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return proc.pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.runner RUN_DIR [--resume]`: the detached runner's entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    run_dir, resume = Path(argv[0]), "--resume" in argv[1:]
+    lock = RunLock(run_dir)
+    if not lock.acquire():  # taken before the heavy imports: the launcher sees the run live at once
+        print(f"runner: {run_dir} is already running", file=sys.stderr)
+        return 2
+    # SIGTERM stops at the next step boundary like `cancel`; a hangup of the starting shell changes nothing.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from .cli import quiet_libraries
+
+    quiet_libraries()
+    try:
+        execute(run_dir, resume=resume, cancelled=stop.is_set, lock=lock)
+    except HeadSurgeonError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

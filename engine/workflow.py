@@ -1,0 +1,276 @@
+"""The one place that turns user input into work: jobs, run directories, sessions, replay and resume.
+
+The CLI and the workbench both call it, so they share defaults and rules:
+- `JobInputs` is what a user types (flags or dialog fields); `check()` runs the cheap checks (specs,
+  numbers, corpus, prompts) before any model is loaded; `build_job()` resolves it against a model.
+- A new run always gets a new run directory and a new session; an existing one is refused unless
+  `overwrite` is given (and then only a run directory or an empty one is replaced).
+- A loaded session is never written to: work started from it goes into a new session that says so.
+- Every run starts from the base weights its run.json names (the runner loads and checks them).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .runner import RUN_FILE, RunSpec
+from .session import SESSION_FILE, Session
+
+RUNS_DIR = Path("runs")
+DEFAULT_CORPUS = "python-stdlib/json"
+DEFAULT_STEPS = 100
+SPEC_WORDS = ("sick", "healthy")
+
+
+@dataclass
+class JobInputs:
+    """A surgery as the user asks for it; defaults are the same in the CLI and the workbench."""
+
+    targets: str
+    frozen: str = ""
+    pass2_targets: str | None = None
+    pass2_frozen: str | None = None
+    init: str = "xavier_uniform"
+    corpus: str = DEFAULT_CORPUS
+    corpus_config: str | None = None
+    corpus_split: str | None = None
+    text_column: str = "text"
+    max_documents: int | None = None
+    steps: int | None = None  # neither steps nor epochs: DEFAULT_STEPS
+    epochs: int | None = None
+    seq_len: int = 512
+    lr: float = 5e-5
+    micro_batch: int = 1
+    grad_accum: int = 8
+    warmup_frac: float = 0.05
+    eval_every: int | None = None  # None: ten evaluation points over the run (every 50 steps by epochs)
+    eval_blocks: int = 16
+    checkpointing: bool = True
+    seed: int = 0
+    prompts: str | None = None
+    batch_size: int = 8
+    max_len: int = 512
+    sink: float = 0.50
+    dead: float = 0.95
+    low_entropy: float = 0.5
+    completions: int = 3
+
+    @classmethod
+    def from_namespace(cls, args: Any, **overrides: Any) -> "JobInputs":
+        """From an argparse namespace (attributes named like the fields; missing ones keep defaults)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        if getattr(args, "no_checkpointing", False):
+            values["checkpointing"] = False
+        return cls(**{**values, **overrides})
+
+    # --- pieces of the job ------------------------------------------------------------------------
+    def diagnosis_settings(self):
+        from .diagnosis import DiagnosisSettings
+        from .report import Thresholds
+
+        return DiagnosisSettings(batch_size=self.batch_size, max_len=self.max_len, prompts=self.prompts,
+                                 thresholds=Thresholds(sink=self.sink, dead=self.dead, low_entropy=self.low_entropy))
+
+    def train_config(self):
+        from .train import TrainConfig
+
+        steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
+        eval_every = self.eval_every or (max(1, steps // 10) if steps else 50)
+        return TrainConfig(lr=self.lr, micro_batch=self.micro_batch, grad_accum=self.grad_accum, seq_len=self.seq_len,
+                           steps=steps, epochs=self.epochs, warmup_frac=self.warmup_frac, eval_every=eval_every,
+                           eval_blocks=self.eval_blocks, gradient_checkpointing=self.checkpointing, seed=self.seed)
+
+    def corpus_spec(self):
+        from .corpus import CorpusSpec
+
+        if not self.corpus:
+            raise InputError("give a corpus: a text file, directory, hub dataset id or python-stdlib/PKG")
+        return CorpusSpec(self.corpus, self.corpus_config, self.corpus_split, self.text_column, self.max_documents)
+
+    def specs(self) -> list[tuple[str, str | None]]:
+        """(targets, frozen) per pass."""
+        out = [(self.targets, self.frozen or None)]
+        if self.pass2_targets:
+            out.append((self.pass2_targets, self.pass2_frozen or None))
+        return out
+
+    def needs_diagnosis(self) -> bool:
+        """True when a spec names heads by their class (`sick`, `healthy`), which a diagnosis resolves."""
+        words = {w.strip().lstrip("!") for spec, frozen in self.specs() for w in f"{spec},{frozen or ''}".split(",")}
+        return bool(words & set(SPEC_WORDS))
+
+    def check(self) -> None:
+        """Every check that needs no model: specs' syntax, numbers, corpus readable, prompts readable."""
+        from .corpus import check_corpus
+        from .prompts import load_prompts
+        from .spec import parse_heads
+
+        for spec, frozen in self.specs():
+            for s in filter(None, (spec, frozen)):
+                parse_heads(s, 1 << 20, 1 << 20, sick=[(0, 0)])  # syntax only: bounds need the model
+        self.train_config()
+        self.diagnosis_settings()
+        check_corpus(self.corpus_spec())
+        load_prompts(self.prompts)
+
+    def build_job(self, adapter, sick: list[tuple[int, int]] | None = None):
+        """The job for a loaded model; `sick` (a diagnosis with these inputs' settings) resolves class words."""
+        from .evaluate import EvalSettings
+        from .operation import SurgeryJob
+        from .surgery import SurgeryPlan
+
+        plans = [SurgeryPlan.from_specs(t, f, adapter, sick=sick, init=self.init, seed=self.seed + i)
+                 for i, (t, f) in enumerate(self.specs())]
+        diagnosis = self.diagnosis_settings()
+        evaluation = EvalSettings(thresholds=diagnosis.thresholds, completion_prompts=self.completions)
+        return SurgeryJob(plans, self.corpus_spec(), self.train_config(), evaluation, diagnosis=diagnosis)
+
+
+# --- where things go ---------------------------------------------------------------------------------
+def new_run_dir(name: str, out: str | Path | None = None, *, overwrite: bool = False,
+                root: str | Path = RUNS_DIR) -> Path:
+    """Create the run directory: `out` (refused if it exists, unless `overwrite` and it is a run directory
+    or empty) or a fresh `root/NAME-YYYYmmdd-HHMMSS[-N]`."""
+    from .preflight import check_output_dir
+
+    if out is not None:
+        out = Path(out)
+        if overwrite and out.is_dir():
+            if any(out.iterdir()) and not (out / RUN_FILE).is_file():
+                raise InputError(f"--overwrite replaces only a run directory, and {out} is not one (no {RUN_FILE}): "
+                                 "choose a new directory")
+            shutil.rmtree(out)
+        check_output_dir(out, what="--out")
+        _mkdir(out, parents=True)
+        return out
+    root = Path(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    check_output_dir(root / f"{name}-{stamp}", what="run directory")
+    for n in range(1, 1000):
+        path = root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            _mkdir(path, parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise InputError(f"cannot find a free run directory name under {root}: clean it up or pass --out")
+
+
+def _mkdir(path: Path, parents: bool) -> None:
+    from .preflight import os_error_message
+
+    try:
+        path.mkdir(parents=parents, exist_ok=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise InputError(os_error_message(exc, path)) from exc
+
+
+def check_new_session(path: str | Path | None, *, overwrite: bool = False) -> Path | None:
+    from .preflight import check_output_file
+
+    return None if path is None else check_output_file(path, overwrite=overwrite, what="--session")
+
+
+@dataclass
+class Launch:
+    """A run that was set up (and maybe started): where it lives and the session that records it."""
+
+    run_dir: Path
+    session: Session
+    pid: int | None = None
+
+
+def create_run(loaded, job, *, out: str | Path | None = None, session_path: str | Path | None = None,
+               overwrite: bool = False, baseline=None, marks: dict[str, str] | None = None,
+               derived_from: Session | None = None, action: str = "operate", device: str | None = None,
+               dtype: str | None = None, root: str | Path = RUNS_DIR) -> Launch:
+    """A new run directory holding run.json, and a new session (at `session_path`, else RUN_DIR/session.json)."""
+    from .model import model_identity
+    from .spec import format_heads
+
+    session_file = check_new_session(session_path, overwrite=overwrite)
+    identity = model_identity(loaded)
+    run_dir = new_run_dir(loaded.name, out, overwrite=overwrite, root=root)
+    session = derived_from.derive() if derived_from is not None else Session(model=identity)
+    session.model = identity
+    session.path = Path(session_file) if session_file else run_dir / SESSION_FILE
+    session.diagnosis = job.diagnosis.to_dict()
+    session.job = job.to_dict()
+    if baseline is not None:
+        session.report = baseline.to_json()
+        session.log("diagnose", sick=len(baseline.sick()))
+    session.marks = marks or {"targets": format_heads(job.targets), "frozen": format_heads(job.frozen)}
+    session.set_run_dir(run_dir)
+    session.status = "new"
+    details = {"of": session.derived_from} if action == "replay" else {}
+    session.log(action, run_dir=str(run_dir), targets=format_heads(job.targets), frozen=format_heads(job.frozen),
+                **details)
+    try:
+        RunSpec(model={"ref": identity["ref"], "revision": identity.get("revision"), "device": device, "dtype": dtype},
+                identity=identity, job=job.to_dict(), session=str(session.path.resolve())).save(run_dir)
+        session.save()
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run that could not be set up leaves nothing behind
+        raise
+    return Launch(run_dir, session)
+
+
+def start(launch: Launch, *, detach: bool, resume: bool = False, loaded=None, baseline=None, sink=None,
+          cancelled=lambda: False) -> dict[str, Any] | None:
+    """Run it here (returns the report) or detached (returns None at once; `launch.pid` is the runner)."""
+    from . import runner
+
+    if detach:
+        launch.pid = runner.spawn(launch.run_dir, resume=resume)
+        return None
+    return runner.execute(launch.run_dir, resume=resume, loaded=loaded, baseline=baseline, sink=sink,
+                          cancelled=cancelled)
+
+
+def open_run(target: str | Path) -> Launch:
+    """A run directory, or a session naming one, as a Launch (resume, attach, cancel take either)."""
+    target = Path(target)
+    if target.is_dir() and (target / RUN_FILE).is_file():
+        session_path = RunSpec.load(target).session
+        session = Session.load(session_path) if session_path and Path(session_path).is_file() else \
+            Session(model=RunSpec.load(target).identity)
+        return Launch(target, session)
+    session = Session.load(target)
+    run = session.run_path()
+    if run is None or not (run / RUN_FILE).is_file():
+        raise InputError(f"{target} has no run to continue: start one with operate")
+    return Launch(run, session)
+
+
+def replay_job(original: Session, adapter) -> Any:
+    """The recorded job of `original`, with the diagnosis settings it was judged by (old sessions kept them
+    beside the job)."""
+    from .operation import SurgeryJob
+
+    if not original.job:
+        raise InputError(f"session {original.path} has no surgery to replay: it only holds a diagnosis")
+    job = dict(original.job)
+    if "diagnosis" not in job and original.diagnosis:
+        job["diagnosis"] = {**original.diagnosis, "prompts": original.diagnosis.get("prompts")}
+    return SurgeryJob.from_dict(job, adapter)
+
+
+SESSIONS_DIR = Path("sessions")
+
+
+def new_session_path(name: str, root: str | Path = SESSIONS_DIR) -> Path:
+    """root/NAME.json, numbered when it exists; checked writable (nothing is created)."""
+    from .preflight import check_output_file
+
+    root = Path(root)
+    path, n = root / f"{name}.json", 2
+    while path.exists():
+        path, n = root / f"{name}-{n}.json", n + 1
+    return check_output_file(path, what="session")
