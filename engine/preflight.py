@@ -85,3 +85,43 @@ def os_error_message(exc: OSError, path: str | os.PathLike) -> str:
         return f"cannot write {where}: it is a directory; choose a file name"
     reason = os.strerror(code) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"cannot write {where}: {reason}; check the path and the disk, then retry"
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for offline hub use (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT, through the https proxy when one is set) cannot be reached,
+    or None when a TCP connection to it opens within `timeout` seconds. Name resolution and connecting
+    run in a daemon thread, so the answer never takes much longer than `timeout`."""
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(endpoint.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = parts.hostname or host, parts.port or 8080
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except socket.gaierror:
+            result.append(f"cannot resolve {host}")
+        except socket.timeout:
+            result.append(f"no answer from {host}:{port}")
+        except OSError as exc:
+            result.append(f"cannot connect to {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"no answer from {host}:{port}"
