@@ -1,11 +1,16 @@
-"""Training corpora through `datasets`: local files, directories, jsonl/parquet, or hub datasets.
+"""Training corpora: local text files and directories (read in plain Python), jsonl/parquet files and hub
+datasets (through `datasets`), or the running Python's own sources.
 
 Texts are tokenised into one stream and packed into blocks of `seq_len`; the last `heldout_frac` of the
-stream is held out. Order is deterministic; shuffling uses the caller's seed.
+stream is held out. Order is deterministic; shuffling uses the caller's seed. `check_corpus` is the cheap
+check to call before any model is loaded.
 """
 
 from __future__ import annotations
 
+import codecs
+import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +19,13 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .preflight import hub_offline, hub_unreachable
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".html", ".json", ".toml", ".cfg", ".ini", ".yaml", ".yml"}
 PYTHON_SOURCES = "python-stdlib"  # the running Python's own source tree (or python-stdlib/PKG): on every machine
 PYTHON_PACKAGES = "python-packages"  # the standard library plus every installed package's sources (or python-packages/PKG)
+DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # read through `datasets`
+SNIFF_BYTES = 64 * 1024  # how much of a text file check_corpus reads to tell text from binary
 
 
 @dataclass(frozen=True)
@@ -66,45 +74,162 @@ def _python_corpus(source: str) -> tuple[str, bool] | None:
 def _local_files(path: Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
-        raise InputError(f"corpus directory {str(path)!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+        raise InputError(f"corpus directory {str(path)!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))}): "
+                         "put text files in it or pass another corpus")
     return [str(p) for p in files]
 
 
-def load_texts(spec: CorpusSpec) -> list[str]:
-    """Documents of the corpus as a list of strings (empty documents dropped)."""
+def _looks_like_path(source: str) -> bool:
+    """A source meant as a local path (not a hub dataset id): ./x, /abs, ~, a/b/c, or a file name like notes.txt."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or Path(source).suffix.lower() in TEXT_SUFFIXES | set(DATASET_SUFFIXES))
+
+
+def _is_text_file(path: Path) -> bool:
+    return DATASET_SUFFIXES.get(path.suffix.lower()) != "parquet"
+
+
+def _sniff(path: Path, label: str) -> None:
+    """Refuse an unreadable, empty or binary file (NUL bytes or invalid UTF-8 in its first 64 KiB)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise InputError(f"{label} {str(path)!r} cannot be read ({reason}): fix its permissions or pass another corpus") from exc
+    if size == 0:
+        raise InputError(f"{label} {str(path)!r} is empty: give it some text or pass another corpus")
+    if not _is_text_file(path):
+        return
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) == size)
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise InputError(f"{label} {str(path)!r} is a binary file, not UTF-8 text: pass a text, .jsonl or .parquet corpus")
+    if len(head) == size and not text.strip():
+        raise InputError(f"{label} {str(path)!r} is empty (only whitespace): give it some text or pass another corpus")
+
+
+def check_corpus(spec: CorpusSpec) -> None:
+    """Cheap check before any model is loaded: a local corpus exists, is readable, and is non-empty text.
+    Hub dataset ids and the built-in python-stdlib / python-packages sources pass (checked when loaded).
+    Raises InputError with one line naming the file and the fix."""
+    source = spec.source
+    if _python_corpus(source) is not None:
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _looks_like_path(source):
+            raise InputError(f"corpus {source!r} does not exist: pass a text file, directory, .jsonl/.parquet or hub dataset id")
+        return  # a hub dataset id
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise InputError(f"corpus directory {source!r} cannot be read (no permission): fix its permissions or pass another corpus")
+        files = [Path(f) for f in _local_files(path)]
+        if all(f.stat().st_size == 0 for f in files):
+            raise InputError(f"corpus directory {source!r} is empty: its {len(files)} text file(s) hold no text")
+        return
+    if not path.is_file():
+        raise InputError(f"corpus {source!r} is not a regular file or directory: pass a text file, directory, .jsonl or .parquet")
+    _sniff(path, "corpus")
+
+
+def _read_paragraphs(path: Path) -> list[str]:
+    """A text file's paragraphs (split at blank lines), as `datasets`' text builder with sample_by=paragraph."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().split("\n\n")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"corpus {str(path)!r} is not UTF-8 text (byte {exc.start}): pass a text, .jsonl or .parquet corpus") from exc
+
+
+def _read_documents(files: list[str]) -> list[str]:
+    """Whole files as documents; undecodable bytes dropped (source trees hold the odd latin-1 file)."""
+    texts = []
+    for name in files:
+        with open(name, encoding="utf-8", errors="ignore") as fh:
+            texts.append(fh.read())
+    return texts
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause (datasets wraps the real error in DatasetGenerationError)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _load_with_datasets(spec: CorpusSpec, path: Path | None) -> tuple[object, str]:
+    if path is None and not hub_offline():
+        reason = hub_unreachable()  # before datasets' minute of retries
+        if reason is not None:
+            raise InputError(f"cannot load corpus {spec.describe()!r}: the Hugging Face hub is unreachable ({reason}): "
+                             "pass a local file or directory, or set HF_HUB_OFFLINE=1 to use a cached copy")
     import datasets
 
+    if path is not None:
+        # a local file: no progress bar, and no logged error before the one line a damaged file gives
+        import logging
+
+        from datasets.utils import logging as ds_logging
+
+        bars, logger = ds_logging.is_progress_bar_enabled(), logging.getLogger("datasets")
+        level = logger.level
+        ds_logging.disable_progress_bar()
+        logger.setLevel(logging.CRITICAL)
+        try:
+            ds = datasets.load_dataset(DATASET_SUFFIXES[path.suffix.lower()], data_files=[str(path)], split="train")
+        finally:
+            logger.setLevel(level)
+            if bars:
+                ds_logging.enable_progress_bar()
+    else:
+        ds = datasets.load_dataset(spec.source, spec.config, split=spec.split or "train")
+    return ds, spec.text_column
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged file through `datasets` raises (without importing datasets if it is not loaded)."""
+    errors: list[type[BaseException]] = [ValueError, UnicodeError, EOFError]
+    if "datasets" in sys.modules:
+        errors.append(sys.modules["datasets"].exceptions.DatasetsError)
+    if "pyarrow" in sys.modules:
+        errors.append(sys.modules["pyarrow"].lib.ArrowException)
+    return tuple(errors)
+
+
+def load_texts(spec: CorpusSpec) -> list[str]:
+    """Documents of the corpus as a list of strings (empty documents dropped). Text files and directories
+    are read in plain Python; `datasets` is imported only for .jsonl/.json/.parquet files and hub ids."""
     source = spec.source
     path = Path(source).expanduser()
+    check_corpus(spec)
     try:
         python = _python_corpus(source)
         if python or path.is_dir():
-            files = python_source_files(*python) if python else _local_files(path)
-            ds = datasets.load_dataset("text", data_files=files, sample_by="document", encoding_errors="ignore", split="train")
-            column = "text"
-        elif path.is_file():
-            suffix = path.suffix.lower()
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix, "text")
-            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", **kwargs)
-            column = spec.text_column if builder != "text" else "text"
-        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-            raise InputError(f"corpus {source!r} does not exist: pass a text file, directory, .jsonl/.parquet or hub dataset id")
+            texts = _read_documents(python_source_files(*python) if python else _local_files(path))
+        elif path.is_file() and path.suffix.lower() not in DATASET_SUFFIXES:
+            texts = _read_paragraphs(path)
         else:
-            ds = datasets.load_dataset(source, spec.config, split=spec.split or "train")
-            column = spec.text_column
+            ds, column = _load_with_datasets(spec, path if path.is_file() else None)
+            if column not in ds.column_names:
+                raise InputError(f"corpus {spec.describe()!r} has no {column!r} column (columns: "
+                                 f"{', '.join(ds.column_names)}): use --text-column")
+            texts = ds[column]
     except InputError:
         raise
-    except (FileNotFoundError, ConnectionError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"cannot load corpus {spec.describe()!r} ({first}): with no network, pass a local file or directory") from exc
-    except ValueError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"cannot read corpus {spec.describe()!r}: {first}") from exc
-    if column not in ds.column_names:
-        raise InputError(f"corpus {spec.describe()!r} has no {column!r} column (columns: {', '.join(ds.column_names)}): "
-                         "use --text-column")
-    texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise InputError(f"cannot load corpus {spec.describe()!r} ({_root_cause(exc)}): with no network, pass a "
+                         "local file or directory") from exc
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else _root_cause(exc)
+        raise InputError(f"cannot read corpus {spec.describe()!r} ({reason}): fix the file or pass another corpus") from exc
+    except _read_errors() as exc:  # datasets' DatasetGenerationError, ValueError, pyarrow errors for damaged files
+        raise InputError(f"cannot read corpus {spec.describe()!r} ({_root_cause(exc)}): fix the file or pass "
+                         "a text, .jsonl or .parquet corpus") from exc
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if spec.max_documents:
         texts = texts[: spec.max_documents]
     if not texts:

@@ -12,6 +12,7 @@ import torch
 
 from .arch import BloomAdapter, adapter_for
 from .errors import ModelLoadError
+from .preflight import hub_offline, hub_unreachable
 from .runtime import resolve_device, resolve_dtype
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "organism_model"
@@ -73,10 +74,47 @@ def resolve_ref(ref: str | None) -> tuple[str, str]:
 
 def _hub_error(ref: str, exc: Exception) -> ModelLoadError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if hub_offline():
+        return ModelLoadError(
+            f"{ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it on a "
+            "connected machine (hf download) or pass a local directory with --model PATH"
+        )
     return ModelLoadError(
         f"could not load {ref!r} from the Hugging Face hub ({first}): with no network, download it on a "
-        "connected machine (huggingface-cli download) and pass the local directory with --model PATH"
+        "connected machine (hf download) and pass the local directory with --model PATH"
     )
+
+
+def _hub_kwargs(ref: str) -> dict:
+    """Extra from_pretrained arguments for a hub id, decided before any request is made, so that no network
+    means one line at once rather than a minute of retries: offline mode (HF_HUB_OFFLINE) reads only the
+    cache; an unreachable hub falls back to a cached copy if there is one, else refuses."""
+    if hub_offline():
+        return {"local_files_only": True}
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    if _cached_config(ref):
+        return {"local_files_only": True}
+    if "/" in ref and Path(ref).expanduser().parent.is_dir():  # e.g. models/bloom, meant as a path
+        raise ModelLoadError(
+            f"model directory {ref!r} does not exist (and as a hub id the Hugging Face hub is unreachable: "
+            f"{reason}): check the path"
+        )
+    raise ModelLoadError(
+        f"cannot load {ref!r}: the Hugging Face hub is unreachable ({reason}): pass a local directory with "
+        "--model PATH, or set HF_HUB_OFFLINE=1 to use a cached copy"
+    )
+
+
+def _cached_config(ref: str) -> bool:
+    """Whether the hub cache holds a config.json for `ref` (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    except Exception:  # an id the cache cannot even name
+        return False
 
 
 def load_model(
@@ -87,12 +125,14 @@ def load_model(
     revision: str | None = None,
 ) -> LoadedModel:
     """Load a supported causal LM and its tokenizer; `ref` is a hub id or a directory (None: bundled)."""
+    ref, source = resolve_ref(ref)
+    kwargs = {"revision": revision, "trust_remote_code": False}
+    if source == "hub":
+        kwargs.update(_hub_kwargs(ref))  # before importing transformers: no network fails at once
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    ref, source = resolve_ref(ref)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs = {"revision": revision, "trust_remote_code": False}
     try:
         config = AutoConfig.from_pretrained(ref, **kwargs)
     except OSError as exc:

@@ -3,6 +3,7 @@ base model and the plan. Base + patch = repaired model; `export_model` writes it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,28 +14,36 @@ from typing import Any
 import torch
 
 from .arch import BloomAdapter
+from .atomic import atomic_write_bytes
 from .errors import InputError
+from .preflight import os_error_message
 
 PATCH_FORMAT = "head-surgeon-patch"
 PATCH_VERSION = 1
 META_KEY = "head_surgeon"
 
 
-def save_patch(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write atomically: a crash never leaves a half-written patch under `path`."""
-    from safetensors.torch import save_file
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: the patch's content checksum."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = {META_KEY: json.dumps({"format": PATCH_FORMAT, "version": PATCH_VERSION, **meta})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def save_patch(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write atomically: a crash never leaves a half-written patch under `path` (nor a temp file beside it).
+    The metadata carries a checksum of the tensors' content, which `load_patch` verifies."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    header = {META_KEY: json.dumps({"format": PATCH_FORMAT, "version": PATCH_VERSION, **meta,
+                                    "checksum": tensors_checksum(tensors)})}
+    # serialised in memory (patches hold only head slices) and written by Python, so a full disk or a
+    # read-only directory surfaces as an OSError that becomes one line
+    atomic_write_bytes(path, save(tensors, metadata=header))
 
 
 def load_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -50,11 +59,16 @@ def load_patch(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         meta = json.loads(raw) if raw else None
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise InputError(f"patch {str(path)!r} is not a readable safetensors file ({exc}): it is damaged") from exc
-    if not meta or meta.get("format") != PATCH_FORMAT:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"patch {str(path)!r} is not a readable safetensors file ({first}): it is damaged") from exc
+    if not isinstance(meta, dict) or meta.get("format") != PATCH_FORMAT:
         raise InputError(f"{str(path)!r} is a safetensors file but not a head-surgeon patch")
     if meta.get("version") != PATCH_VERSION:
         raise InputError(f"patch version {meta.get('version')!r} is not {PATCH_VERSION}: use a matching head-surgeon")
+    recorded = meta.get("checksum")  # older patches have none: they load unchecked
+    if recorded is not None and recorded != tensors_checksum(tensors):
+        raise InputError(f"patch {str(path)!r} is corrupt: its content checksum does not match; "
+                         "re-run or restore the file")
     return tensors, meta
 
 
@@ -89,19 +103,24 @@ def apply_head_tensors(model, adapter: BloomAdapter, tensors: dict[str, torch.Te
 
 
 def export_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained into a temporary sibling directory, then rename it into place."""
+    """save_pretrained into a temporary sibling directory, then rename it into place. On failure the
+    temporary directory is removed and nothing is left at `out_dir`."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"export directory {str(out)!r} is not empty: choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise InputError(os_error_message(exc, out)) from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
