@@ -12,7 +12,7 @@ import torch
 from engine.corpus import CorpusSpec
 from engine.diagnosis import diagnose
 from engine.model import BUNDLED_MODEL_DIR, load_model
-from engine.organism import OrganismConfig, prepare_data, train_organism
+from organism.train import OrganismConfig, prepare_data, train_organism
 from engine.prompts import builtin_prompts
 
 
@@ -134,7 +134,7 @@ def test_python_packages_corpus_is_the_stdlib_plus_installed_sources():
 
 
 def test_tokenizer_sample_is_evenly_spread_and_bounded():
-    from engine.organism import tokenizer_sample
+    from organism.train import tokenizer_sample
 
     texts = [f"{i:04d}" * 25 for i in range(100)]  # 100 chars each
     assert tokenizer_sample(texts, 10**6) == texts
@@ -143,7 +143,7 @@ def test_tokenizer_sample_is_evenly_spread_and_bounded():
 
 
 def test_budgeted_steps_fit_the_budget_and_never_exceed_the_plan():
-    from engine.organism import budgeted_steps
+    from organism.train import budgeted_steps
 
     config = OrganismConfig(steps=10_000)
     assert budgeted_steps(config, 100, 10.0, 20.0, 110.0) == 100 + 2_000
@@ -159,7 +159,7 @@ def test_disable_alibi_zeroes_the_bias_on_every_path():
     from engine.arch import adapter_for
     from engine.diagnosis import run_statistics
     from engine.fastpath import fast_kernels
-    from engine.organism import disable_alibi
+    from organism.train import disable_alibi
 
     def uniform_attention_model(alibi: bool):
         torch.manual_seed(0)

@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import adapter_for
-from .atomic import atomic_write_text
-from .corpus import CorpusSpec, load_texts, pack_blocks, token_stream
+from engine.arch import adapter_for
+from engine.atomic import atomic_write_text
+from engine.corpus import CorpusSpec, load_texts, pack_blocks, token_stream
+from engine.diagnosis import run_statistics
+from engine.errors import InputError
+from engine.evaluate import mean_loss, perplexity
+from engine.events import NullSink, PhaseChanged, Sink, StepMetrics
+from engine.loss import causal_lm_loss
+from engine.report import HeadReport
+from engine.tokenizer import train_bpe_tokenizer
+
 from .data_parallel import DataParallel
-from .diagnosis import run_statistics
-from .errors import InputError
-from .evaluate import mean_loss, perplexity
-from .events import NullSink, PhaseChanged, Sink, StepMetrics
-from .loss import causal_lm_loss
-from .report import HeadReport
-from .tokenizer import train_bpe_tokenizer
 
 DATA_FILE = "tokens.safetensors"
 DATA_META = "data.json"
@@ -257,7 +258,7 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
 
     Started by `torchrun --nproc-per-node N`, the run is data-parallel: `batch_size` is the global batch,
     rank 0 reports and saves, and the result equals the single-process run up to summation order."""
-    from .runtime import resolve_device
+    from engine.runtime import resolve_device
 
     if state is not None and time_budget_s is not None:
         raise InputError("--time-budget resizes the run, so it cannot resume one: give --steps and --time-limit")
@@ -272,7 +273,7 @@ def train_organism(config: OrganismConfig, data_dir: str | Path, out_dir: str | 
 
 def _train_organism(config: OrganismConfig, data_dir, out_dir, dev: torch.device, dp: DataParallel, sink,
                     cancelled, time_limit_s, time_budget_s, probe_every, compile_blocks, state) -> dict:
-    from .fastpath import fast_kernels
+    from engine.fastpath import fast_kernels
     from .train_state import Progress, load_state, save_state
 
     sink = sink or NullSink()
