@@ -12,7 +12,9 @@ import torch
 from engine.corpus import CorpusSpec
 from engine.diagnosis import diagnose
 from engine.model import BUNDLED_MODEL_DIR, load_model
-from organism.train import OrganismConfig, prepare_data, train_organism
+from organism.data import prepare_data
+from organism.recipe import OrganismConfig
+from organism.train import train_organism
 from engine.prompts import builtin_prompts
 
 
@@ -134,7 +136,7 @@ def test_python_packages_corpus_is_the_stdlib_plus_installed_sources():
 
 
 def test_tokenizer_sample_is_evenly_spread_and_bounded():
-    from organism.train import tokenizer_sample
+    from organism.data import tokenizer_sample
 
     texts = [f"{i:04d}" * 25 for i in range(100)]  # 100 chars each
     assert tokenizer_sample(texts, 10**6) == texts
@@ -159,7 +161,7 @@ def test_disable_alibi_zeroes_the_bias_on_every_path():
     from engine.arch import adapter_for
     from engine.diagnosis import run_statistics
     from engine.fastpath import fast_kernels
-    from organism.train import disable_alibi
+    from organism.recipe import disable_alibi
 
     def uniform_attention_model(alibi: bool):
         torch.manual_seed(0)
