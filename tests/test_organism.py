@@ -104,12 +104,12 @@ def test_data_parallel_pretraining_matches_one_process(tmp_path):
     cli = ["--layers", "2", "--heads", "4", "--hidden", "32", "--seq-len", "32", "--batch-size", "4", "--steps", "5",
            "--warmup", "2", "--weight-decay", "0.1", "--lr", "1e-2", "--device", "cpu"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "engine.cli", "organism", "--out", str(tmp_path / "ddp"), "--data", str(data), *cli],
+                    "-m", "organism", "--out", str(tmp_path / "ddp"), "--data", str(data), *cli],
                    check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
     record = json.loads((tmp_path / "ddp" / "organism.json").read_text())
     # ranks never prepare data (they would all write the same files): one line says what to do instead
     env = {**os.environ, "WORLD_SIZE": "2"}
-    refused = subprocess.run([sys.executable, "-m", "engine.cli", "organism", "--out", str(tmp_path / "x"), *cli],
+    refused = subprocess.run([sys.executable, "-m", "organism", "--out", str(tmp_path / "x"), *cli],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "--prepare-only first" in refused.stderr and "Traceback" not in refused.stderr
     assert record["device"] == "2 x cpu" and record["steps_done"] == 5
@@ -216,13 +216,24 @@ def test_a_stopped_run_resumes_from_its_state(tmp_path):
         train_organism(replace(config, lr=1e-3), data, None, state=state)
 
 
+def test_add_parser_registers_the_organism_subcommand():
+    import argparse
+
+    from organism.cli import add_parser, cmd_organism
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["organism", "--out", "o", "--steps", "7", "--no-alibi"])
+    assert args.func is cmd_organism and (args.out, args.steps, args.no_alibi, args.lr) == ("o", 7, True, 6e-4)
+
+
 def test_cli_refuses_a_time_budget_on_a_resumable_run(tmp_path):
     import subprocess
     import sys
 
     data = tmp_path / "data"
     prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "organism", "--out", str(tmp_path / "o"), "--data",
+    done = subprocess.run([sys.executable, "-m", "organism", "--out", str(tmp_path / "o"), "--data",
                            str(data), "--state", str(tmp_path / "s.safetensors"), "--time-budget", "5"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "--time-budget resizes the run" in done.stderr and "Traceback" not in done.stderr
