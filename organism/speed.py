@@ -1,7 +1,7 @@
 """Organism pretraining step speed on a GPU (run Q/R shape, random tokens): the SDPA fast path, compiled blocks,
 and compiled blocks with FlexAttention (ALiBi score_mod + causal block mask), with a kernel profile of the first.
 
-    PYTHONPATH=. python scripts/organism_speed.py
+    python -m organism.speed
 """
 import time
 import types
@@ -12,7 +12,8 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from engine.arch import adapter_for, alibi_slopes
 from engine.fastpath import fast_kernels
-from engine.organism import pretrain_step
+
+from .recipe import pretrain_step
 
 dev = torch.device("cuda")
 L, V = 512, 4096
