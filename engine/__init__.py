@@ -1,4 +1,4 @@
-"""head-surgeon engine: model loading, head diagnosis and the organism, as a library.
+"""head-surgeon engine: model loading (the bundled organism by default), head diagnosis and surgery, as a library.
 
     from engine import load_model, diagnose, builtin_prompts
     report = diagnose(load_model("bigscience/bloom-560m"), builtin_prompts())

@@ -12,7 +12,9 @@ import torch
 from engine.corpus import CorpusSpec
 from engine.diagnosis import diagnose
 from engine.model import BUNDLED_MODEL_DIR, load_model
-from engine.organism import OrganismConfig, prepare_data, train_organism
+from organism.data import prepare_data
+from organism.recipe import OrganismConfig
+from organism.train import train_organism
 from engine.prompts import builtin_prompts
 
 
@@ -102,12 +104,12 @@ def test_data_parallel_pretraining_matches_one_process(tmp_path):
     cli = ["--layers", "2", "--heads", "4", "--hidden", "32", "--seq-len", "32", "--batch-size", "4", "--steps", "5",
            "--warmup", "2", "--weight-decay", "0.1", "--lr", "1e-2", "--device", "cpu"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "engine.cli", "organism", "--out", str(tmp_path / "ddp"), "--data", str(data), *cli],
+                    "-m", "organism", "--out", str(tmp_path / "ddp"), "--data", str(data), *cli],
                    check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
     record = json.loads((tmp_path / "ddp" / "organism.json").read_text())
     # ranks never prepare data (they would all write the same files): one line says what to do instead
     env = {**os.environ, "WORLD_SIZE": "2"}
-    refused = subprocess.run([sys.executable, "-m", "engine.cli", "organism", "--out", str(tmp_path / "x"), *cli],
+    refused = subprocess.run([sys.executable, "-m", "organism", "--out", str(tmp_path / "x"), *cli],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "--prepare-only first" in refused.stderr and "Traceback" not in refused.stderr
     assert record["device"] == "2 x cpu" and record["steps_done"] == 5
@@ -134,7 +136,7 @@ def test_python_packages_corpus_is_the_stdlib_plus_installed_sources():
 
 
 def test_tokenizer_sample_is_evenly_spread_and_bounded():
-    from engine.organism import tokenizer_sample
+    from organism.data import tokenizer_sample
 
     texts = [f"{i:04d}" * 25 for i in range(100)]  # 100 chars each
     assert tokenizer_sample(texts, 10**6) == texts
@@ -143,7 +145,7 @@ def test_tokenizer_sample_is_evenly_spread_and_bounded():
 
 
 def test_budgeted_steps_fit_the_budget_and_never_exceed_the_plan():
-    from engine.organism import budgeted_steps
+    from organism.train import budgeted_steps
 
     config = OrganismConfig(steps=10_000)
     assert budgeted_steps(config, 100, 10.0, 20.0, 110.0) == 100 + 2_000
@@ -159,7 +161,7 @@ def test_disable_alibi_zeroes_the_bias_on_every_path():
     from engine.arch import adapter_for
     from engine.diagnosis import run_statistics
     from engine.fastpath import fast_kernels
-    from engine.organism import disable_alibi
+    from organism.recipe import disable_alibi
 
     def uniform_attention_model(alibi: bool):
         torch.manual_seed(0)
@@ -214,13 +216,24 @@ def test_a_stopped_run_resumes_from_its_state(tmp_path):
         train_organism(replace(config, lr=1e-3), data, None, state=state)
 
 
+def test_add_parser_registers_the_organism_subcommand():
+    import argparse
+
+    from organism.cli import add_parser, cmd_organism
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["organism", "--out", "o", "--steps", "7", "--no-alibi"])
+    assert args.func is cmd_organism and (args.out, args.steps, args.no_alibi, args.lr) == ("o", 7, True, 6e-4)
+
+
 def test_cli_refuses_a_time_budget_on_a_resumable_run(tmp_path):
     import subprocess
     import sys
 
     data = tmp_path / "data"
     prepare_data(CorpusSpec(str(_tiny_corpus(tmp_path))), data, vocab_size=300, heldout_frac=0.1)
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "organism", "--out", str(tmp_path / "o"), "--data",
+    done = subprocess.run([sys.executable, "-m", "organism", "--out", str(tmp_path / "o"), "--data",
                            str(data), "--state", str(tmp_path / "s.safetensors"), "--time-budget", "5"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "--time-budget resizes the run" in done.stderr and "Traceback" not in done.stderr

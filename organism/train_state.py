@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_bytes
-from .errors import InputError
+from engine.atomic import atomic_write_bytes
+from engine.errors import InputError
 
 STATE_FILE = "train_state.safetensors"
 MOMENTS_DTYPE = torch.bfloat16

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from engine.errors import InputError
 
 
 def launched_world_size() -> int:

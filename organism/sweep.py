@@ -1,9 +1,9 @@
 """Train several organism variants side by side on one GPU (each its own process), then pick the one
 that meets the shipping criteria. Used to make the bundled model; see docs/organism.md.
 
-    python scripts/organism_sweep.py --data DATA_DIR --out RUNS_DIR --variant NAME [--time-budget S]
-    python scripts/organism_sweep.py --prepare-packages DATA_DIR
-    torchrun --standalone --nproc-per-node 4 scripts/organism_sweep.py ...   (one run, data-parallel)
+    python -m organism.sweep --data DATA_DIR --out RUNS_DIR --variant NAME [--time-budget S]
+    python -m organism.sweep --prepare-packages DATA_DIR
+    torchrun --standalone --nproc-per-node 4 -m organism.sweep ...   (one run, data-parallel)
 
 `--prepare-packages` writes the same data as `head-surgeon organism --corpus python-packages --prepare-only`,
 reading the files with plain `open` (identical text to `datasets`' document-wise text builder, checked on
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.corpus import PYTHON_PACKAGES, python_source_files
+from engine.events import Event, PhaseChanged, StepMetrics
 
-from engine.events import PhaseChanged, StepMetrics  # noqa: E402
-from engine.corpus import PYTHON_PACKAGES, python_source_files  # noqa: E402
-from engine.data_parallel import is_main_process  # noqa: E402
-from engine.organism import OrganismConfig, prepare_texts, sample_stride, train_organism  # noqa: E402
+from .data import prepare_texts, sample_stride
+from .data_parallel import is_main_process
+from .recipe import OrganismConfig
+from .train import train_organism
 
 VARIANTS = {
     "A": dict(layers=6, lr=6e-4, weight_decay=0.1),
@@ -58,7 +58,9 @@ VARIANTS = {
 
 
 class PrintSink:
-    def emit(self, event):
+    """Plain progress lines (every 250 steps, every phase and probe) for logs of unattended runs."""
+
+    def emit(self, event: Event) -> None:
         if isinstance(event, StepMetrics) and event.step % 250 in (0, 1):
             print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} {event.tokens_per_s:,.0f} tok/s "
                   f"{event.elapsed_s:.0f}s", flush=True)
@@ -66,8 +68,9 @@ class PrintSink:
             print(f"[{event.phase}] {event.detail}", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m organism.sweep", description="train one organism variant "
+                                 "(or prepare python-packages data without `datasets`)")
     ap.add_argument("--prepare-packages", metavar="DATA_DIR")
     ap.add_argument("--max-chars", type=int, default=None, help="with --prepare-packages: keep every k-th file")
     ap.add_argument("--data")
@@ -79,7 +82,7 @@ def main() -> None:
     ap.add_argument("--probe-every", type=int, default=None)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--state", default=None, help="resumable run: state file to continue from and save to")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.prepare_packages:
         t0 = time.time()
         files = python_source_files(installed=True)
