@@ -206,12 +206,25 @@ class _Tracker:
 
 
 def _update_session(spec: RunSpec, status: str) -> None:
+    """Best effort (a full disk may refuse it): readers take the state from the run itself (`session_state`)."""
     from .session import Session
 
     if spec.session and Path(spec.session).is_file():
-        session = Session.load(spec.session)
-        session.status = status
-        session.save()
+        try:
+            session = Session.load(spec.session)
+            session.status = status
+            session.save()
+        except HeadSurgeonError:
+            pass
+
+
+def session_state(session) -> str:
+    """A session's honest status: its run's state when it has one (a runner killed mid-run: `interrupted`)."""
+    run = session.run_path()
+    if run is None or not (run / RUN_FILE).is_file():
+        return session.status
+    state = run_state(run).state
+    return "interrupted" if state == "dead" else state
 
 
 def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=None, sink=None,

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine.cli import quiet_libraries
 from engine.errors import HeadSurgeonError, InputError
 
 HELP = "pretrain a small ALiBi BLOOM until its low-slope heads collapse"
@@ -103,27 +104,12 @@ def cmd_organism(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """No tokenizers fork warnings, transformers log lines or progress bars in the command's output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m organism`: the command alone; an error is one line on stderr and exit status 2."""
     parser = argparse.ArgumentParser(prog="python -m organism", description=HELP)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return cmd_organism(args)
     except HeadSurgeonError as exc:

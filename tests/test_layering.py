@@ -50,7 +50,6 @@ def test_engine_source_never_imports_the_organism():
     assert where_imported("engine", "organism") == []
 
 
-@pytest.mark.xfail(strict=True, reason="engine/cli.py's main launches tui.launch; the CLI rewrite moves it out")
 def test_engine_source_never_imports_tui():
     assert where_imported("engine", "tui") == []
 

@@ -56,7 +56,10 @@ def test_job_writes_history_recovery_patch_and_report(planted_dir, corpus_file, 
     assert json.loads((tmp_path / REPORT_FILE).read_text())["schema_version"] == 1
     steps = sink.of(StepMetrics)
     assert [e.step for e in steps] == [1, 2, 3, 4] and all(e.loss > 0 for e in steps)
-    assert len(sink.of(EvalMetrics)) == 3 and len(sink.of(HeadRecovery)) == 3
+    points = sink.of(EvalMetrics)  # the model before the operation first, then every evaluation of the pass
+    assert [(p.label, p.step) for p in points] == [("before", 0), ("pass-1", 0), ("pass-1", 2), ("pass-1", 4)]
+    assert points[0].bos_mass[0][3] > 0.95 and points[0].heldout_ppl == pytest.approx(report["ppl"]["heldout_before"])
+    assert len(sink.of(HeadRecovery)) == 3
     assert any(e.best for e in sink.of(Checkpoint))
     # The patch holds only the targets' slices and names its base model and plan.
     tensors, meta = load_patch(tmp_path / PATCH_FILE)

@@ -22,7 +22,9 @@ def _add_attach(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(_add_attach)
+    from organism.cli import add_parser as add_organism
+
+    parser = build_parser(add_organism, _add_attach)
     parser.set_defaults(func=_workbench)
     return dispatch(parser.parse_args(argv))
 
