@@ -9,7 +9,7 @@ from conftest import PLANTED
 from tui.app import HeadSurgeonApp
 from tui.headgrid import GridData, HeadGrid
 from tui.screens import HelpScreen, PromptScreen
-from tui_helpers import wait_idle
+from tui_helpers import screen_lines, wait_idle
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 SIZE = (80, 24)
@@ -204,3 +204,43 @@ async def test_surgery_from_the_dialog_updates_recovery_curves_and_saves_a_sessi
         await pilot.press(*"]" * 10)
         assert app.grid.data.bos == final_grid
         assert app.surgery_defaults["corpus"] == str(corpus) and app.surgery_defaults["steps"] == 4  # o re-runs it
+
+
+# --- 80x24 polish: each test below failed before its fix -------------------------------------------------
+
+
+async def test_help_scrolls_from_the_keyboard_to_every_key_at_80x24(planted_dir):
+    """Every binding's row of the generated help can be scrolled into view with pgdn / end, quit last."""
+    from textual.binding import Binding
+
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        seen = list(screen_lines(app))
+        for _ in range(40):  # page down through the whole help, keeping what was on screen
+            await pilot.press("pagedown")
+            await pilot.pause()
+            seen += screen_lines(app)
+        await pilot.press("home", "end")
+        await pilot.pause()
+        bindings = [*HeadGrid.BINDINGS, *app.BINDINGS]
+
+        def row(binding) -> tuple[str, str]:
+            keys = ", ".join(app.get_key_display(Binding(k.strip(), "")) for k in binding.key.split(","))
+            return keys, binding.description or binding.action
+
+        def shown(lines, binding) -> bool:
+            keys, description = row(binding)
+            return any(f" {keys} " in line and f" {description} " in line for line in lines)
+
+        assert shown(screen_lines(app), bindings[-1]) and row(bindings[-1])[1] == "quit"  # last row at the end
+        missing = [row(b) for b in bindings if not shown(seen, b)]
+        assert not missing, f"help rows never on screen: {missing}"
+        body = app.screen.query_one("#help-body")
+        assert body.max_scroll_y > 0 and body.scroll_y == body.max_scroll_y  # it scrolls, and end reached the end
+        await pilot.press("home")
+        await pilot.pause()
+        assert body.scroll_y == 0
