@@ -244,3 +244,33 @@ async def test_help_scrolls_from_the_keyboard_to_every_key_at_80x24(planted_dir)
         await pilot.press("home")
         await pilot.pause()
         assert body.scroll_y == 0
+
+
+async def test_summary_keeps_five_rows_at_80x24_before_and_after_surgery(planted_dir):
+    """The summary pane keeps at least five rows of text, all on screen, also when the head pane grows
+    with before/after values after a surgery (it used to shrink to one row)."""
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("a", "space")  # all sick heads marked, and the cursor's head too
+        await pilot.pause()
+
+        def check() -> None:
+            summary = app.query_one("#summary")
+            inner = summary.content_region
+            assert inner.height >= 5, f"summary has {inner.height} rows of text"
+            footer = app.query_one("Footer").region
+            assert inner.y >= 0 and inner.bottom <= footer.y  # every row of it on screen
+            assert summary.region.bottom <= app.query_one("#side").region.bottom  # not clipped by its column
+            lines = screen_lines(app)[inner.y:inner.bottom]
+            for name, line in zip(("healthy", "bos-sink", "dead", "low-entropy"), lines):
+                assert name in line[inner.x:inner.right]  # the class counts are its first rows
+
+        check()
+        app.before = app.report  # what a finished surgery leaves behind: before/after values and recovery
+        app.recovery = {"woken": 2, "functional": 2, "targets": 2}
+        app.drift = 0
+        app.refresh_panes()
+        await pilot.pause()
+        assert "(was " in str(app.query_one("#detail").render())
+        check()
