@@ -274,3 +274,36 @@ async def test_summary_keeps_five_rows_at_80x24_before_and_after_surgery(planted
         await pilot.pause()
         assert "(was " in str(app.query_one("#detail").render())
         check()
+
+
+async def test_dialog_hints_wrap_inside_the_dialog_at_80_columns(planted_dir):
+    """Long hints (spec prompt, open-model prompt, surgery dialog) wrap inside the dialog: every word on
+    screen, nothing past the dialog's edge."""
+    from textual.widgets import Label
+
+    from tui.screens import SurgeryScreen
+
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+
+        def check_hints() -> None:
+            dialog = app.screen.query_one("#dialog").content_region
+            lines = screen_lines(app)
+            hints = list(app.screen.query(".hint").results(Label))
+            assert hints
+            for hint in hints:
+                text = str(hint.render())
+                region = hint.content_region
+                assert region.x >= dialog.x and region.right <= dialog.right
+                shown = " ".join(line[region.x:region.right] for line in lines[region.y:region.bottom])
+                for word in text.split():
+                    assert word in shown, f"{word!r} of hint {text!r} is cut: {shown!r}"
+
+        for keys in (("b",), ("m",), ("a", "o")):
+            await pilot.press(*keys)
+            await pilot.pause()
+            assert isinstance(app.screen, (PromptScreen, SurgeryScreen))
+            check_hints()
+            await pilot.press("escape")
+            await pilot.pause()
