@@ -307,3 +307,22 @@ async def test_dialog_hints_wrap_inside_the_dialog_at_80_columns(planted_dir):
             check_hints()
             await pilot.press("escape")
             await pilot.pause()
+
+
+async def test_prompt_prefill_is_kept_when_typing(planted_dir, tmp_path, monkeypatch):
+    """The load-session prompt opens on `sessions/` and the open-model prompt on the current model, with
+    the cursor at the end and nothing selected: typing extends the prefill instead of replacing it."""
+    monkeypatch.chdir(tmp_path)
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("L")
+        await pilot.pause()
+        assert isinstance(app.screen, PromptScreen)
+        await pilot.press(*"x.json")
+        assert app.screen.query_one("#prompt-input").value == "sessions/x.json"
+        await pilot.press("escape", "m")
+        await pilot.pause()
+        await pilot.press(*"-v2")
+        assert app.screen.query_one("#prompt-input").value == str(planted_dir) + "-v2"
+        await pilot.press("escape")

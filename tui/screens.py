@@ -48,7 +48,9 @@ class PromptScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self.title_text, classes="title")
-            yield Input(value=self.value, placeholder=self.placeholder, id="prompt-input")
+            # The prefill ("sessions/", the current model) is a start to type on, not a value to replace:
+            # no select-all on focus, so the cursor sits at its end.
+            yield Input(value=self.value, placeholder=self.placeholder, id="prompt-input", select_on_focus=False)
             if self.hint:
                 yield Label(self.hint, classes="hint")
 
