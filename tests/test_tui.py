@@ -4,10 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+from textual.geometry import Region
 
 from conftest import PLANTED
 from tui.app import HeadSurgeonApp
-from tui.headgrid import GridData, HeadGrid
+from tui.headgrid import CELL_W, LABEL_W, GridData, HeadGrid
 from tui.screens import HelpScreen, PromptScreen
 from tui_helpers import screen_lines, wait_idle
 
@@ -326,3 +327,49 @@ async def test_prompt_prefill_is_kept_when_typing(planted_dir, tmp_path, monkeyp
         await pilot.press(*"-v2")
         assert app.screen.query_one("#prompt-input").value == str(planted_dir) + "-v2"
         await pilot.press("escape")
+
+
+async def test_grid_cursor_stays_clear_of_scrollbars_at_60x15():
+    """At 60x15 the last layer and head, reached from the keyboard, are drawn inside the visible part of
+    the grid, not under a scrollbar, and back at the first head the labels still show."""
+    from textual.app import App
+
+    class GridApp(App):
+        CSS = "HeadGrid { border: round $primary; }"
+
+        def compose(self):
+            yield HeadGrid()
+
+    app = GridApp()
+    async with app.run_test(size=(60, 15)) as pilot:
+        grid = app.query_one(HeadGrid)
+        n_layer, n_head = 70, 112
+        classes = [["healthy"] * n_head for _ in range(n_layer)]
+        grid.set_data(GridData(n_layer, n_head, [0.5] * n_head, bos=[[0.5] * n_head] * n_layer, classes=classes))
+        grid.focus()
+        await pilot.pause()
+
+        def cursor_on_screen():
+            layer, head = grid.cursor
+            inner = grid.content_region
+            x = inner.x + LABEL_W + head * CELL_W - grid.scroll_offset.x
+            y = inner.y + 1 + layer - grid.scroll_offset.y
+            cell = Region(x, y, CELL_W, 1)
+            visible = grid.scrollable_content_region  # the content area less the scrollbars
+            assert visible.contains_region(cell), f"cursor cell {cell} outside {visible}"
+            line = screen_lines(app)[y]
+            assert line[inner.x:].startswith(f"L{layer}")  # the row drawn there is the cursor's layer
+            header = screen_lines(app)[inner.y]
+            assert header[x:x + CELL_W].strip() == str(head)  # under its head's index
+
+        await pilot.press("end", *["pagedown"] * 7)
+        await pilot.pause()
+        assert grid.cursor == (n_layer - 1, n_head - 1)
+        cursor_on_screen()
+        await pilot.press("up", "left", "left")
+        await pilot.pause()
+        cursor_on_screen()
+        await pilot.press("home", *["pageup"] * 7)
+        await pilot.pause()
+        assert grid.cursor == (0, 0) and tuple(grid.scroll_offset) == (0, 0)
+        cursor_on_screen()
