@@ -373,3 +373,34 @@ async def test_grid_cursor_stays_clear_of_scrollbars_at_60x15():
         await pilot.pause()
         assert grid.cursor == (0, 0) and tuple(grid.scroll_offset) == (0, 0)
         cursor_on_screen()
+
+
+async def test_readme_names_the_grid_colours_of_the_default_theme():
+    """The README's colour for each class is the hue family the grid actually paints it in."""
+    import colorsys
+    import re
+
+    from textual.app import App
+
+    families = [(15, "red"), (45, "orange"), (70, "yellow"), (165, "green"), (190, "teal"), (255, "blue"),
+                (330, "purple"), (360, "red")]
+
+    def family(color) -> str:
+        r, g, b = (c / 255 for c in color.triplet)
+        hue = 360 * colorsys.rgb_to_hsv(r, g, b)[0]
+        return next(name for limit, name in families if hue < limit)
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sentence = " ".join(re.search(r"A cell's colour is its class(.*?)\. ", readme, re.S).group(1).split())
+
+    class GridApp(App):
+        def compose(self):
+            yield HeadGrid()
+
+    app = GridApp()
+    async with app.run_test(size=SIZE):
+        grid = app.query_one(HeadGrid)
+        for name in ("healthy", "bos-sink", "dead", "low-entropy"):
+            claimed = re.search(r"(\w+) " + re.escape(name), sentence, re.I)
+            assert claimed, f"README names no colour for {name}: {sentence!r}"
+            assert claimed.group(1).lower() == family(grid.class_style(name).bgcolor), (name, sentence)
