@@ -4,12 +4,13 @@ import os
 from pathlib import Path
 
 import pytest
+from textual.geometry import Region
 
 from conftest import PLANTED
 from tui.app import HeadSurgeonApp
-from tui.headgrid import GridData, HeadGrid
+from tui.headgrid import CELL_W, LABEL_W, GridData, HeadGrid
 from tui.screens import HelpScreen, PromptScreen
-from tui_helpers import wait_idle
+from tui_helpers import screen_lines, wait_idle
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 SIZE = (80, 24)
@@ -204,3 +205,202 @@ async def test_surgery_from_the_dialog_updates_recovery_curves_and_saves_a_sessi
         await pilot.press(*"]" * 10)
         assert app.grid.data.bos == final_grid
         assert app.surgery_defaults["corpus"] == str(corpus) and app.surgery_defaults["steps"] == 4  # o re-runs it
+
+
+# --- 80x24 polish: each test below failed before its fix -------------------------------------------------
+
+
+async def test_help_scrolls_from_the_keyboard_to_every_key_at_80x24(planted_dir):
+    """Every binding's row of the generated help can be scrolled into view with pgdn / end, quit last."""
+    from textual.binding import Binding
+
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        seen = list(screen_lines(app))
+        for _ in range(40):  # page down through the whole help, keeping what was on screen
+            await pilot.press("pagedown")
+            await pilot.pause()
+            seen += screen_lines(app)
+        await pilot.press("home", "end")
+        await pilot.pause()
+        bindings = [*HeadGrid.BINDINGS, *app.BINDINGS]
+
+        def row(binding) -> tuple[str, str]:
+            keys = ", ".join(app.get_key_display(Binding(k.strip(), "")) for k in binding.key.split(","))
+            return keys, binding.description or binding.action
+
+        def shown(lines, binding) -> bool:
+            keys, description = row(binding)
+            return any(f" {keys} " in line and f" {description} " in line for line in lines)
+
+        assert shown(screen_lines(app), bindings[-1]) and row(bindings[-1])[1] == "quit"  # last row at the end
+        missing = [row(b) for b in bindings if not shown(seen, b)]
+        assert not missing, f"help rows never on screen: {missing}"
+        body = app.screen.query_one("#help-body")
+        assert body.max_scroll_y > 0 and body.scroll_y == body.max_scroll_y  # it scrolls, and end reached the end
+        await pilot.press("home")
+        await pilot.pause()
+        assert body.scroll_y == 0
+
+
+async def test_summary_keeps_five_rows_at_80x24_before_and_after_surgery(planted_dir):
+    """The summary pane keeps at least five rows of text, all on screen, also when the head pane grows
+    with before/after values after a surgery (it used to shrink to one row)."""
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("a", "space")  # all sick heads marked, and the cursor's head too
+        await pilot.pause()
+
+        def check() -> None:
+            summary = app.query_one("#summary")
+            inner = summary.content_region
+            assert inner.height >= 5, f"summary has {inner.height} rows of text"
+            footer = app.query_one("Footer").region
+            assert inner.y >= 0 and inner.bottom <= footer.y  # every row of it on screen
+            assert summary.region.bottom <= app.query_one("#side").region.bottom  # not clipped by its column
+            lines = screen_lines(app)[inner.y:inner.bottom]
+            for name, line in zip(("healthy", "bos-sink", "dead", "low-entropy"), lines):
+                assert name in line[inner.x:inner.right]  # the class counts are its first rows
+
+        check()
+        app.before = app.report  # what a finished surgery leaves behind: before/after values and recovery
+        app.recovery = {"woken": 2, "functional": 2, "targets": 2}
+        app.drift = 0
+        app.refresh_panes()
+        await pilot.pause()
+        assert "(was " in str(app.query_one("#detail").render())
+        check()
+
+
+async def test_dialog_hints_wrap_inside_the_dialog_at_80_columns(planted_dir):
+    """Long hints (spec prompt, open-model prompt, surgery dialog) wrap inside the dialog: every word on
+    screen, nothing past the dialog's edge."""
+    from textual.widgets import Label
+
+    from tui.screens import SurgeryScreen
+
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+
+        def check_hints() -> None:
+            dialog = app.screen.query_one("#dialog").content_region
+            lines = screen_lines(app)
+            hints = list(app.screen.query(".hint").results(Label))
+            assert hints
+            for hint in hints:
+                text = str(hint.render())
+                region = hint.content_region
+                assert region.x >= dialog.x and region.right <= dialog.right
+                shown = " ".join(line[region.x:region.right] for line in lines[region.y:region.bottom])
+                for word in text.split():
+                    assert word in shown, f"{word!r} of hint {text!r} is cut: {shown!r}"
+
+        for keys in (("b",), ("m",), ("a", "o")):
+            await pilot.press(*keys)
+            await pilot.pause()
+            assert isinstance(app.screen, (PromptScreen, SurgeryScreen))
+            check_hints()
+            await pilot.press("escape")
+            await pilot.pause()
+
+
+async def test_prompt_prefill_is_kept_when_typing(planted_dir, tmp_path, monkeypatch):
+    """The load-session prompt opens on `sessions/` and the open-model prompt on the current model, with
+    the cursor at the end and nothing selected: typing extends the prefill instead of replacing it."""
+    monkeypatch.chdir(tmp_path)
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("L")
+        await pilot.pause()
+        assert isinstance(app.screen, PromptScreen)
+        await pilot.press(*"x.json")
+        assert app.screen.query_one("#prompt-input").value == "sessions/x.json"
+        await pilot.press("escape", "m")
+        await pilot.pause()
+        await pilot.press(*"-v2")
+        assert app.screen.query_one("#prompt-input").value == str(planted_dir) + "-v2"
+        await pilot.press("escape")
+
+
+async def test_grid_cursor_stays_clear_of_scrollbars_at_60x15():
+    """At 60x15 the last layer and head, reached from the keyboard, are drawn inside the visible part of
+    the grid, not under a scrollbar, and back at the first head the labels still show."""
+    from textual.app import App
+
+    class GridApp(App):
+        CSS = "HeadGrid { border: round $primary; }"
+
+        def compose(self):
+            yield HeadGrid()
+
+    app = GridApp()
+    async with app.run_test(size=(60, 15)) as pilot:
+        grid = app.query_one(HeadGrid)
+        n_layer, n_head = 70, 112
+        classes = [["healthy"] * n_head for _ in range(n_layer)]
+        grid.set_data(GridData(n_layer, n_head, [0.5] * n_head, bos=[[0.5] * n_head] * n_layer, classes=classes))
+        grid.focus()
+        await pilot.pause()
+
+        def cursor_on_screen():
+            layer, head = grid.cursor
+            inner = grid.content_region
+            x = inner.x + LABEL_W + head * CELL_W - grid.scroll_offset.x
+            y = inner.y + 1 + layer - grid.scroll_offset.y
+            cell = Region(x, y, CELL_W, 1)
+            visible = grid.scrollable_content_region  # the content area less the scrollbars
+            assert visible.contains_region(cell), f"cursor cell {cell} outside {visible}"
+            line = screen_lines(app)[y]
+            assert line[inner.x:].startswith(f"L{layer}")  # the row drawn there is the cursor's layer
+            header = screen_lines(app)[inner.y]
+            assert header[x:x + CELL_W].strip() == str(head)  # under its head's index
+
+        await pilot.press("end", *["pagedown"] * 7)
+        await pilot.pause()
+        assert grid.cursor == (n_layer - 1, n_head - 1)
+        cursor_on_screen()
+        await pilot.press("up", "left", "left")
+        await pilot.pause()
+        cursor_on_screen()
+        await pilot.press("home", *["pageup"] * 7)
+        await pilot.pause()
+        assert grid.cursor == (0, 0) and tuple(grid.scroll_offset) == (0, 0)
+        cursor_on_screen()
+
+
+async def test_readme_names_the_grid_colours_of_the_default_theme():
+    """The README's colour for each class is the hue family the grid actually paints it in."""
+    import colorsys
+    import re
+
+    from textual.app import App
+
+    families = [(15, "red"), (45, "orange"), (70, "yellow"), (165, "green"), (190, "teal"), (255, "blue"),
+                (330, "purple"), (360, "red")]
+
+    def family(color) -> str:
+        r, g, b = (c / 255 for c in color.triplet)
+        hue = 360 * colorsys.rgb_to_hsv(r, g, b)[0]
+        return next(name for limit, name in families if hue < limit)
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sentence = " ".join(re.search(r"A cell's colour is its class(.*?)\. ", readme, re.S).group(1).split())
+
+    class GridApp(App):
+        def compose(self):
+            yield HeadGrid()
+
+    app = GridApp()
+    async with app.run_test(size=SIZE):
+        grid = app.query_one(HeadGrid)
+        for name in ("healthy", "bos-sink", "dead", "low-entropy"):
+            claimed = re.search(r"(\w+) " + re.escape(name), sentence, re.I)
+            assert claimed, f"README names no colour for {name}: {sentence!r}"
+            assert claimed.group(1).lower() == family(grid.class_style(name).bgcolor), (name, sentence)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from rich.segment import Segment
 from rich.style import Style
 from textual.binding import Binding
-from textual.geometry import Size
+from textual.geometry import Region, Size, Spacing
 from textual.message import Message
 from textual.reactive import var
 from textual.scroll_view import ScrollView
@@ -40,7 +40,9 @@ class HeadGrid(ScrollView, can_focus=True):
         *(f"headgrid--{name}" for name in CLASS_NAMES),
     }
     DEFAULT_CSS = """
-    HeadGrid { background: $surface; }
+    /* No horizontal scrollbar: the header row of head indices is the horizontal ruler, and a bar
+       there would cover the last layer's row (and cost a row at 80x24). */
+    HeadGrid { background: $surface; scrollbar-size-horizontal: 0; }
     HeadGrid > .headgrid--label { color: $text-muted; text-style: bold; }
     HeadGrid > .headgrid--cursor { background: $accent; color: $text; text-style: bold reverse; }
     HeadGrid > .headgrid--undiagnosed { color: $text-muted; }
@@ -148,20 +150,21 @@ class HeadGrid(ScrollView, can_focus=True):
     def on_blur(self) -> None:
         self.refresh()
 
+    def on_resize(self) -> None:
+        self._keep_visible(*self.cursor)
+
+    def cursor_region(self, layer: int, head: int) -> Region:
+        """The cell of (layer, head) in virtual coordinates: the window onto them is
+        `scrollable_content_region.at_offset(scroll_offset)`, the label column and header row pinned."""
+        return Region(LABEL_W + head * CELL_W, 1 + layer, CELL_W, 1)
+
     def _keep_visible(self, layer: int, head: int) -> None:
-        cells_w = max(self.size.width - LABEL_W, CELL_W)
-        rows_h = max(self.size.height - 1, 1)
-        x, y = self.scroll_offset
-        if head * CELL_W < x:
-            x = head * CELL_W
-        elif (head + 1) * CELL_W > x + cells_w:
-            x = (head + 1) * CELL_W - cells_w
-        if layer < y:
-            y = layer
-        elif layer >= y + rows_h:
-            y = layer - rows_h + 1
-        if (x, y) != tuple(self.scroll_offset):
-            self.scroll_to(x, y, animate=False)
+        """Scroll the least needed to show the cell whole: inside the scrollable region (scrollbars
+        excluded) and clear of the pinned header row and layer labels."""
+        if not self.data.n_layer or not self.is_mounted:
+            return
+        self.scroll_to_region(self.cursor_region(layer, head), spacing=Spacing(1, 0, 0, LABEL_W),
+                              animate=False, immediate=True)
 
     def action_move(self, dr: int, dc: int) -> None:
         if not self.data.n_layer:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+    """Every key, from the bindings (app.help_markdown), in a body that scrolls from the keyboard: the
+    body has focus, so up/down/pgup/pgdn/home/end (and j/k) scroll it at any terminal size."""
+
+    BINDINGS = [
+        Binding("escape,q,question_mark", "dismiss", "close"),
+        Binding("j", "scroll(1)", "scroll down", show=False),
+        Binding("k", "scroll(-1)", "scroll up", show=False),
+    ]
 
     def __init__(self, markdown: str) -> None:
         super().__init__()
@@ -18,8 +25,15 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="help"):
-            yield Markdown(self.markdown)
-            yield Label("esc closes", classes="hint")
+            with VerticalScroll(id="help-body"):
+                yield Markdown(self.markdown)
+            yield Label("↑ ↓ pgup pgdn home end scroll · esc closes", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-body").focus()
+
+    def action_scroll(self, lines: int) -> None:
+        self.query_one("#help-body").scroll_relative(y=lines, animate=False)
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -34,7 +48,9 @@ class PromptScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self.title_text, classes="title")
-            yield Input(value=self.value, placeholder=self.placeholder, id="prompt-input")
+            # The prefill ("sessions/", the current model) is a start to type on, not a value to replace:
+            # no select-all on focus, so the cursor sits at its end.
+            yield Input(value=self.value, placeholder=self.placeholder, id="prompt-input", select_on_focus=False)
             if self.hint:
                 yield Label(self.hint, classes="hint")
 
