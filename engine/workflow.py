@@ -22,6 +22,7 @@ from .runner import RUN_FILE, RunSpec
 from .session import SESSION_FILE, Session
 
 RUNS_DIR = Path("runs")
+SESSIONS_DIR = Path("sessions")
 DEFAULT_CORPUS = "python-stdlib/json"
 DEFAULT_STEPS = 100
 SPEC_WORDS = ("sick", "healthy")
@@ -260,9 +261,6 @@ def replay_job(original: Session, adapter) -> Any:
     if "diagnosis" not in job and original.diagnosis:
         job["diagnosis"] = {**original.diagnosis, "prompts": original.diagnosis.get("prompts")}
     return SurgeryJob.from_dict(job, adapter)
-
-
-SESSIONS_DIR = Path("sessions")
 
 
 def new_session_path(name: str, root: str | Path = SESSIONS_DIR) -> Path:

@@ -29,7 +29,7 @@ from engine.runner import RunSpec, cancel, is_live, list_runs, run_state
 from engine.runview import RunHistory, point_report
 from engine.session import Session
 from engine.spec import format_heads, parse_heads
-from engine.workflow import (DEFAULT_CORPUS, DEFAULT_STEPS, RUNS_DIR, JobInputs, Launch, create_run,
+from engine.workflow import (DEFAULT_CORPUS, DEFAULT_STEPS, RUNS_DIR, SESSIONS_DIR, JobInputs, Launch, create_run,
                              new_session_path, open_run, start)
 
 from .bridge import EngineEvent, MessageSink, ModelLoaded, ReportReady, RunLaunched, WorkFailed
@@ -77,12 +77,12 @@ class HeadSurgeonApp(App[int]):
 
     def __init__(self, model_ref: str | None = None, device: str | None = None, dtype: str | None = None,
                  prompts_path: str | None = None, *, attach: str | None = None, detach: bool = True,
-                 runs_root: str | Path = RUNS_DIR) -> None:
+                 runs_root: str | Path = RUNS_DIR, sessions_root: str | Path = SESSIONS_DIR) -> None:
         super().__init__()
         self.model_ref, self.device, self.dtype = model_ref, device, dtype
         self.prompts_path = prompts_path
         self.detach = detach  # False: runs execute in a thread of this process (tests, scripting)
-        self.runs_root = Path(runs_root)
+        self.runs_root, self.sessions_root = Path(runs_root), Path(sessions_root)
         self.loaded = None  # engine LoadedModel: the unmodified base, only handed to engine calls
         self.report: HeadReport | None = None  # diagnosis of the base model
         self.session: Session | None = None  # the session shown (loaded, or the last run's)
@@ -274,13 +274,14 @@ class HeadSurgeonApp(App[int]):
             self.post_message(WorkFailed("surgery", str(exc)))
 
     def _start_run(self, launch: Launch, resume: bool = False) -> None:
-        self.attach(launch, fresh=not resume)
-        self.set_status("surgery starting…")
-        self.query_one(ProgressBar).update(total=None, progress=0)
+        # The worker first: until its runner holds the run's lock, the worker is what says the run is alive.
         if self.detach:
             self._spawn_worker(launch, resume)
         else:
             self._run_worker(launch, resume)
+        self.attach(launch, fresh=not resume)
+        self.set_status("surgery starting…")
+        self.query_one(ProgressBar).update(total=None, progress=0)
 
     @on(RunLaunched)
     def _run_launched(self, message: RunLaunched) -> None:
@@ -323,8 +324,8 @@ class HeadSurgeonApp(App[int]):
             bar.update(total=h.total_steps, progress=h.step)
         if self.run_state == "running":
             last = f"loss {h.losses[-1][1]:.4f}  " if h.losses and h.losses[-1][1] is not None else ""
-            self.set_status(f"{h.phase} step {h.step}/{h.total_steps or '?'}  {last}{h.tokens_per_s:,.0f} tok/s  "
-                            f"ETA {_duration(h.eta_s())}" if h.total_steps else f"{h.phase}: {h.detail}")
+            self.set_status(f"step {h.step}/{h.total_steps}  {last}{h.tokens_per_s:,.0f} tok/s  ETA {_duration(h.eta_s())}"
+                            if h.total_steps else f"{h.phase}: {h.detail}")
         elif self.run_state == "finished":
             self._finished()
         elif self.run_state == "failed":
@@ -352,8 +353,8 @@ class HeadSurgeonApp(App[int]):
             return
         self.after = HeadReport.from_json(report["diagnosis_after"])
         rec, ppl = report["recovery"], report["ppl"]
-        self.set_status(f"surgery done: woken {rec['woken']} / functional {rec['functional']} / targets "
-                        f"{rec['targets']}; held-out ppl {ppl['heldout_before']:.2f} -> {ppl['heldout_after']:.2f}")
+        self.set_status(f"done: woken {rec['woken']}/{rec['targets']}, functional {rec['functional']}; "
+                        f"ppl {ppl['heldout_before']:.2f} → {ppl['heldout_after']:.2f}")
         self.log_line(f"patch and report in {self.run.run_dir}; drift {report['drift']['drifted']} heads, "
                       f"iatrogenic {len(report['iatrogenic'])}")
 
@@ -414,8 +415,9 @@ class HeadSurgeonApp(App[int]):
         if not data.n_layer:
             return Text("no model loaded", style="dim")
         layer, head = self.grid.cursor
-        text = Text(f"L{layer}.H{head}", style="bold")
-        text.append(f"  slope {data.slopes[head]:.4g}\n")
+        text = Text()
+        text.append(f"L{layer}.H{head}", style="bold")
+        text.append(f"\u00a0slope {data.slopes[head]:.3g}\n")  # a plain leading space is dropped after the span
         if (layer, head) in data.targets:
             text.append("target ", style="bold")
         elif (layer, head) in data.frozen:
@@ -430,7 +432,7 @@ class HeadSurgeonApp(App[int]):
         was = before.head(layer, head) if before is not None and before is not report else None
         for key, label in (("bos_mass", "BOS"), ("entropy", "entropy"), ("local_mass", "local"),
                            ("contribution", "contrib")):
-            text.append(f"{label:<8}{info[key]:.3f}" + (f" (was {was[key]:.3f})" if was is not None else "") + "\n")
+            text.append(f"{label:<8}{info[key]:.3f}" + (f" (was {was[key]:.2f})" if was is not None else "") + "\n")
         return text
 
     def _summary_text(self) -> Text:
@@ -445,10 +447,10 @@ class HeadSurgeonApp(App[int]):
         recovery = self.recovery
         if recovery is not None:
             r = recovery
-            text.append(f"woken {r['woken']} / functional {r['functional']} / targets {r['targets']}\n", style="bold")
+            text.append(f"woken {r['woken']} / functional {r['functional']}\n", style="bold")  # of the targets above
         drift = self.drift
         if drift is not None:
-            text.append(f"drift {drift} untouched heads\n")
+            text.append(f"drift {drift} untouched\n")
         if self.run is not None:
             where = f"point {self.point + 1}/{len(self.history.points)}" if self.point is not None else self.run_state
             text.append(f"run {where}\n", style="dim")
@@ -549,7 +551,7 @@ class HeadSurgeonApp(App[int]):
             return
         try:
             mine = self.session is not None and self.session.path is not None and self.session.path in self.owned
-            path = self.session.path if mine else new_session_path(self.loaded.name)
+            path = self.session.path if mine else new_session_path(self.loaded.name, self.sessions_root)
             session = self._snapshot()
             if mine:
                 session.derived_from = self.session.derived_from
@@ -635,8 +637,7 @@ class HeadSurgeonApp(App[int]):
         self._show(self.shown_report())
         self.refresh_panes()
         what = "before the operation" if point.label == "before" else f"{point.label} step {point.step}"
-        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: {what}, held-out ppl "
-                        f"{point.heldout_ppl:.3f}   ([ / ] to move)")
+        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: {what} · ppl {point.heldout_ppl:.2f}")
 
     def action_open_model(self) -> None:
         current = self.loaded.ref if self.loaded is not None else ""
