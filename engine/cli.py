@@ -116,12 +116,31 @@ def add_run_args(p: argparse.ArgumentParser, *, out_help: str) -> None:
 
 
 def _follow_in_process(launch, *, loaded, baseline, console, resume: bool = False) -> dict:
-    """Run a launch in this process with rich progress; Ctrl-C stops at the next step like `cancel`."""
+    """Run a launch in this process with rich progress; Ctrl-C stops at the next step like `cancel`
+    (a second Ctrl-C aborts at once, leaving the run dead and resumable from its last saved state)."""
+    import signal
+    import threading
+
     from .console import ConsoleSink, print_operation
     from .workflow import start
 
-    with ConsoleSink(console) as printer:
-        report = start(launch, detach=False, resume=resume, loaded=loaded, baseline=baseline, sink=printer)
+    stop = threading.Event()
+
+    def interrupt(*_):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        console.print("[yellow]stopping at the next step (keeps a resumable state); Ctrl-C again aborts[/]")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
+    try:
+        with ConsoleSink(console) as printer:
+            report = start(launch, detach=False, resume=resume, loaded=loaded, baseline=baseline, sink=printer,
+                           cancelled=stop.is_set)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if report.get("cancelled"):
         console.print(f"run cancelled; continue it with: head-surgeon resume {launch.run_dir}")
         return report

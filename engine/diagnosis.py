@@ -31,8 +31,8 @@ class DiagnosisSettings:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_len < 2:
-            raise InputError(f"--batch-size must be at least 1 and --max-len at least 2 (got {self.batch_size}, "
-                             f"{self.max_len})")
+            raise InputError(f"the diagnosis batch size must be at least 1 and max len at least 2 (got "
+                             f"{self.batch_size}, {self.max_len})")
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "max_len": self.max_len, "prompts": self.prompts,

@@ -56,19 +56,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
-            raise InputError("give --steps or --epochs, not both")
+            raise InputError("give steps or epochs, not both")
         if self.steps is None and self.epochs is None:
             self.epochs = 1
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
-            raise InputError("--steps and --epochs must be at least 1")
+            raise InputError("steps and epochs must be at least 1")
         if not (self.lr >= 0 and math.isfinite(self.lr)):  # 0 is a control: re-initialise, train nothing
-            raise InputError(f"--lr must be zero or a positive number (got {self.lr})")
+            raise InputError(f"the learning rate must be zero or a positive number (got {self.lr})")
         if min(self.micro_batch, self.grad_accum, self.eval_every, self.eval_blocks) < 1:
             raise InputError("micro batch, accumulation, eval interval and eval blocks must be at least 1")
         if self.attention not in ("sdpa", "eager"):
             raise InputError(f"attention must be sdpa or eager (got {self.attention!r})")
         if self.seq_len < 2:
-            raise InputError(f"--seq-len must be at least 2 (got {self.seq_len})")
+            raise InputError(f"seq len must be at least 2 (got {self.seq_len})")
 
     @property
     def blocks_per_step(self) -> int:

@@ -6,7 +6,6 @@ Heavy imports happen inside `cmd_organism`, so building the parser (and `--help`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

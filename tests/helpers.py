@@ -65,3 +65,20 @@ def plant_collapse(model, heads: list[tuple[int, int]], strength: float = 60.0) 
         w[1, 0, 0] = strength  # key = marker dimension
         qkv.weight[rows] = w.view(3 * d, -1)
         qkv.bias[rows] = b.view(-1)
+
+
+class Done:
+    """What a command left behind: exit status and its output, like subprocess.CompletedProcess."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_in_process(capsys, *args) -> Done:
+    """`head-surgeon ARGS` in this process (the real parser and error handling, no interpreter start-up)."""
+    from tui.entry import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return Done(code, out.out, out.err)

@@ -24,6 +24,7 @@ from engine.corpus import CorpusSpec, check_corpus, load_corpus, load_texts
 from engine.errors import HeadSurgeonError, InputError, ModelLoadError
 from engine.patch import META_KEY, PATCH_FORMAT, PATCH_VERSION, export_model, load_patch, save_patch
 from engine.preflight import check_output_dir, check_output_file, hub_unreachable, os_error_message
+from helpers import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -363,11 +364,11 @@ def test_text_corpora_do_not_import_datasets(corpora):
     assert done.stdout.split() == ["3", "True", "False"], done.stderr
 
 
-def test_cli_binary_corpus_is_one_line_without_a_traceback(planted_dir, corpora, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--model", str(planted_dir), "--device", "cpu",
-                           "--targets", "0.3", "--corpus", str(corpora / "nul.txt"), "--steps", "1",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+def test_cli_binary_corpus_is_one_line_without_a_traceback(planted_dir, corpora, tmp_path, capsys):
+    done = run_in_process(capsys, "operate", "--model", planted_dir, "--device", "cpu", "--targets", "0.3", "--corpus",
+                          corpora / "nul.txt", "--steps", "1", "--out", tmp_path / "out")
     assert done.returncode == 2, done.stderr
+    assert not (tmp_path / "out").exists()
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("head-surgeon: error: corpus") and "binary" in lines[0], done.stderr
 
@@ -410,22 +411,22 @@ def test_real_hub_fails_fast_when_there_is_no_network(monkeypatch, capfd):
     assert capfd.readouterr().err.strip() == ""
 
 
-def test_cli_hub_id_offline_and_missing_dir_are_one_line(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+def test_cli_hub_id_offline_and_missing_dir_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "diagnose", "--model", "some-org/not-cached",
-                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, env=env)
+    done = run_in_process(capsys, "diagnose", "--model", "some-org/not-cached", "--device", "cpu")
     elapsed = time.monotonic() - start
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in lines[0], done.stderr
-    assert elapsed < 30, elapsed  # a fresh interpreter importing torch and transformers
+    assert elapsed < 10, elapsed
 
     (tmp_path / "models").mkdir()
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(ROOT)}
-    env.pop("HF_HUB_OFFLINE", None)
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "diagnose", "--model", "models/bloom",
-                           "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    done = run_in_process(capsys, "diagnose", "--model", "models/bloom", "--device", "cpu")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "'models/bloom' does not exist" in lines[0], done.stderr
 

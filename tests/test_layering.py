@@ -64,3 +64,13 @@ def test_importing_the_whole_engine_loads_no_textual(loaded_by_the_engine):
 
 def test_importing_the_whole_engine_loads_no_organism(loaded_by_the_engine):
     assert "organism" not in loaded_by_the_engine
+
+
+def test_every_dependency_in_pyproject_is_imported_somewhere():
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower().replace("-", "_") for d in deps}
+    used = set().union(*(imported_modules(p) for p in ("engine", "tui", "organism")))
+    assert names - used == set(), f"declared but never imported: {sorted(names - used)}"

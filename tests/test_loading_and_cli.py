@@ -11,13 +11,21 @@ import pytest
 from engine.errors import InputError, ModelLoadError, UnsupportedModelError
 from engine.model import load_model, resolve_ref
 from engine.prompts import load_prompts
+from helpers import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, env_extra=None):
+    """The real entry point in a subprocess: one test uses it; the rest run the same code in-process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "tui.entry", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return lambda *args: run_in_process(capsys, *args)
 
 
 def assert_one_line_error(proc, *fragments):
@@ -90,23 +98,23 @@ def test_cli_diagnose_writes_the_json_report(planted_dir, tmp_path):
     assert data["counts"]["dead"] == 2 and data["class"][0][3] == "dead"
 
 
-def test_cli_missing_directory():
-    assert_one_line_error(run_cli("diagnose", "--model", "./missing-model-dir"), "does not exist")
+def test_cli_missing_directory(cli):
+    assert_one_line_error(cli("diagnose", "--model", "./missing-model-dir"), "does not exist")
 
 
-def test_cli_non_bloom(tmp_path):
+def test_cli_non_bloom(tmp_path, cli):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
-    assert_one_line_error(run_cli("diagnose", "--model", str(tmp_path)), "unsupported architecture 'gpt2'")
+    assert_one_line_error(cli("diagnose", "--model", str(tmp_path)), "unsupported architecture 'gpt2'")
 
 
-def test_cli_hub_id_without_network_suggests_a_local_path():
-    proc = run_cli("diagnose", "--model", "bigscience/bloom-560m")
+def test_cli_hub_id_without_network_suggests_a_local_path(cli):
+    proc = cli("diagnose", "--model", "bigscience/bloom-560m")
     assert_one_line_error(proc, "bigscience/bloom-560m", "--model PATH")
 
 
-def test_cli_malformed_prompts(tiny_dir, tmp_path):
+def test_cli_malformed_prompts(tiny_dir, tmp_path, cli):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text("not json\n")
-    assert_one_line_error(run_cli("diagnose", "--model", str(tiny_dir), "--prompts", str(bad)), "prompts.jsonl:1")
+    assert_one_line_error(cli("diagnose", "--model", str(tiny_dir), "--prompts", str(bad)), "prompts.jsonl:1")

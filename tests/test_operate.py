@@ -1,10 +1,6 @@
 """A whole surgery job on tiny models: history, checkpoints, patch round trip, errors, NaN, cancel, resume."""
 
 import json
-import subprocess
-import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from engine.patch import apply_head_tensors, load_patch
 from engine.prompts import builtin_prompts
 from engine.surgery import SurgeryPlan
 from engine.train import TrainConfig, TrainingDiverged
+from helpers import run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +87,13 @@ def test_second_pass_starts_from_the_first_pass_best_checkpoint(planted_dir, cor
     assert report["recovery"]["targets"] == 2 and len(report["history"]) == 6
 
 
-def test_cli_apply_exports_a_loadable_model_and_refuses_other_weights(planted_dir, tiny_dir, corpus_file, tmp_path):
+def test_cli_apply_exports_a_loadable_model_and_refuses_other_weights(planted_dir, tiny_dir, corpus_file, tmp_path,
+                                                                       capsys):
     loaded, _, _ = _run(planted_dir, corpus_file, tmp_path / "run")
     patch = tmp_path / "run" / PATCH_FILE
+
     def apply(model, patch_file, out):
-        return subprocess.run([sys.executable, "-m", "engine.cli", "apply", "--model", str(model), "--patch",
-                               str(patch_file), "--out", str(out)], capture_output=True, text=True)
+        return run_in_process(capsys, "apply", "--model", model, "--patch", patch_file, "--out", out)
 
     done = apply(planted_dir, patch, tmp_path / "exp")
     assert done.returncode == 0, done.stderr
@@ -154,34 +152,14 @@ def test_cancelled_run_resumes_to_the_same_patch(planted_dir, corpus_file, tmp_p
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
-def test_corpus_errors_are_one_line(planted_dir, tmp_path):
+def test_corpus_errors_are_one_line(planted_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("   \n")
     for source, message in ((str(tmp_path / "missing.txt"), "does not exist"), (str(empty), "is empty")):
-        done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--model", str(planted_dir),
-                               "--device", "cpu", "--targets", "0.3", "--corpus", source, "--steps", "1",
-                               "--out", str(tmp_path / "out")], capture_output=True, text=True)
+        done = run_in_process(capsys, "operate", "--model", planted_dir, "--device", "cpu", "--targets", "0.3",
+                              "--corpus", source, "--steps", "1", "--out", tmp_path / "out")
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
     with pytest.raises(InputError, match="not both"):
         TrainConfig(steps=1, epochs=1)
-
-
-def test_operate_on_the_organism_wakes_its_sink_heads(tmp_path):
-    """End to end through the CLI on the bundled model: nine of its BOS-sink heads (L1, L2 and L5, all in
-    H9-H15) are re-initialised, trained for a few steps, and measured awake afterwards."""
-    corpus = Path(sysconfig.get_paths()["stdlib"]) / "json"
-    out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--device", "cpu",
-                           "--targets", "1.13-15,2.9-10,2.14-15,5.14-15",
-                           "--corpus", str(corpus), "--steps", "4", "--seq-len", "128", "--grad-accum", "2",
-                           "--eval-every", "2", "--lr", "2e-3", "--completions", "0", "--out", str(out)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    report = json.loads((out / REPORT_FILE).read_text())
-    rec = report["recovery"]
-    assert rec["targets"] == 9 and rec["woken"] == 9
-    assert all(e["bos_mass_before"] > 0.5 for e in rec["per_head"].values())
-    assert [p["step"] for p in report["history"]] == [0, 2, 4]
-    assert "Recovery: woken 9" in done.stdout

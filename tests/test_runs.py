@@ -244,3 +244,22 @@ def test_cancel_stops_a_detached_run_at_a_step_and_resume_finishes_it(planted_di
     steps = [e.step for e in read_events(launch.run_dir / LOG_FILE) if isinstance(e, StepMetrics)]
     assert steps[-1] == 16 and isinstance(read_events(launch.run_dir / LOG_FILE)[-1], RunFinished)
     assert any(isinstance(e, EvalMetrics) and e.label == "before" for e in read_events(launch.run_dir / LOG_FILE))
+
+
+def test_ctrl_c_stops_an_in_process_operate_at_a_step_boundary_within_seconds(planted_dir, corpus, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tui.entry", "operate", "--model", str(planted_dir), "--device",
+                             "cpu", "--targets", "0.3", "--corpus", str(corpus), "--steps", "5000", "--seq-len", "32",
+                             "--grad-accum", "2", "--completions", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: (out / LOG_FILE).is_file() and _last_step(out) >= 1, what="the first step")
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 10 and proc.returncode == 130, stderr
+    assert "stopping at the next step" in stdout and f"head-surgeon resume {out}" in stdout
+    status = runner.run_state(out)
+    assert status.state == "cancelled" and 1 <= status.step < 5000 and not (out / REPORT_FILE).exists()

@@ -40,7 +40,10 @@ def test_replaying_the_organism_example_reproduces_its_recorded_run(tmp_path):
         assert a.heldout_ppl == pytest.approx(b.heldout_ppl, rel=1e-4)
         np.testing.assert_allclose(a.bos_mass, b.bos_mass, atol=1e-4)
     report = json.loads((tmp_path / "replay" / "report.json").read_text())
-    assert report["recovery"]["woken"] == report["recovery"]["targets"] == 9
+    # Nine BOS-sink heads of the bundled organism (L1, L2 and L5, all in H9-H15) wake in four steps.
+    rec = report["recovery"]
+    assert rec["woken"] == rec["targets"] == 9 and all(e["bos_mass_before"] > 0.5 for e in rec["per_head"].values())
+    assert [p["step"] for p in report["history"]] == [0, 2, 4] and "Recovery: woken 9" in done.stdout
 
 
 def test_operate_session_replays_to_the_same_patch(planted_dir, tmp_path):

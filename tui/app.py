@@ -417,7 +417,7 @@ class HeadSurgeonApp(App[int]):
         layer, head = self.grid.cursor
         text = Text()
         text.append(f"L{layer}.H{head}", style="bold")
-        text.append(f"\u00a0slope {data.slopes[head]:.3g}\n")  # a plain leading space is dropped after the span
+        text.append(f"  slope {data.slopes[head]:.3g}\n")
         if (layer, head) in data.targets:
             text.append("target ", style="bold")
         elif (layer, head) in data.frozen:
