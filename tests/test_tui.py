@@ -145,10 +145,13 @@ async def test_help_scrolls_from_the_keyboard_to_every_key_at_80x24(planted_dir)
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         seen = list(screen_lines(app))
+        body = app.screen.query_one("#help-body")
         for _ in range(40):  # page down through the whole help, keeping what was on screen
             await pilot.press("pagedown")
             await pilot.pause()
             seen += screen_lines(app)
+            if body.scroll_y >= body.max_scroll_y:
+                break
         await pilot.press("home", "end")
         await pilot.pause()
         bindings = [*HeadGrid.BINDINGS, *app.BINDINGS]
@@ -164,7 +167,6 @@ async def test_help_scrolls_from_the_keyboard_to_every_key_at_80x24(planted_dir)
         assert shown(screen_lines(app), bindings[-1]) and row(bindings[-1])[1] == "quit"  # last row at the end
         missing = [row(b) for b in bindings if not shown(seen, b)]
         assert not missing, f"help rows never on screen: {missing}"
-        body = app.screen.query_one("#help-body")
         assert body.max_scroll_y > 0 and body.scroll_y == body.max_scroll_y  # it scrolls, and end reached the end
         await pilot.press("home")
         await pilot.pause()
@@ -320,3 +322,14 @@ async def test_readme_names_the_grid_colours_of_the_default_theme():
             claimed = re.search(r"(\w+) " + re.escape(name), sentence, re.I)
             assert claimed, f"README names no colour for {name}: {sentence!r}"
             assert claimed.group(1).lower() == family(grid.class_style(name).bgcolor), (name, sentence)
+
+
+def test_the_real_app_run_starts_draws_and_quits(planted_dir):
+    """App.run() itself, as `head-surgeon` calls it (run_test bypasses it): headless, q quits with 0."""
+    async def auto_pilot(pilot):
+        await wait_idle(pilot.app, pilot)
+        await pilot.press("q")
+
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    app.run(headless=True, size=SIZE, auto_pilot=auto_pilot)
+    assert app.return_value == 0 and app.report is not None

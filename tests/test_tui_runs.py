@@ -66,7 +66,7 @@ async def test_two_surgeries_in_a_row_each_start_from_the_base_and_replay_to_the
         await wait_idle(app, pilot)
         await pilot.press("a", "right", "right", "right")  # all sick heads marked; the cursor on L0.H3
         await _operate(app, pilot, {"corpus": str(workdir / "corpus.txt"), **FIELDS})
-        first = app.run.run_dir
+        first = app.attached.run_dir
         assert app.run_state == "finished" and (first / PATCH_FILE).is_file()
         assert app.recovery["woken"] == 2 and app.recovery["targets"] == 2
         assert len(app.losses) == 4 and len(app.ppls) >= 3  # before, and each evaluation
@@ -90,7 +90,7 @@ async def test_two_surgeries_in_a_row_each_start_from_the_base_and_replay_to_the
 
         # A second surgery in the same workbench starts from the base weights again, not from the first's.
         await _operate(app, pilot, {})
-        second = app.run.run_dir
+        second = app.attached.run_dir
         assert second != first and app.run_state == "finished"
         assert Session.load(second).derived_from is None or Path(Session.load(second).derived_from) != first
     a, b = _patch(first), _patch(second)
@@ -121,7 +121,7 @@ async def test_a_loaded_session_is_never_written_and_work_from_it_goes_into_a_ne
         saved = app.session.path
         assert saved != mine and saved.parent.name == "sessions" and Session.load(saved).derived_from == str(mine)
         await _operate(app, pilot, {"seq_len": "32"})
-        new = Session.load(app.run.run_dir)
+        new = Session.load(app.attached.run_dir)
         assert new.derived_from == str(saved.resolve()) and app.run_state == "finished"
     assert (mine.read_bytes(), mine.stat().st_mtime_ns) == before
 
@@ -138,7 +138,7 @@ async def test_a_session_for_other_weights_is_refused_with_a_notification(plante
         app.screen.query_one("#prompt-input").value = str(workdir / "run")
         await pilot.press("enter")
         await pilot.pause()
-        assert app.session is None and app.run is None
+        assert app.session is None and app.attached is None
         assert any("other weights" in n.message for n in app._notifications)
 
 
@@ -157,7 +157,7 @@ async def test_places_that_cannot_be_written_are_notifications_not_crashes(plant
         await wait_idle(app, pilot)
         messages = [n.message for n in app._notifications]
         assert sum("file" in m for m in messages) >= 2, messages
-        assert app.is_running and app.run is None
+        assert app.is_running and app.attached is None
         await pilot.press("o")  # an empty corpus field is refused before anything is written
         await pilot.pause()
         app.screen.query_one("#field-corpus").value = str(workdir / "missing.txt")
@@ -207,7 +207,7 @@ async def test_quit_leaves_a_detached_run_going_a_new_workbench_attaches_and_can
         app.screen.query_one("#field-seq_len").value = "32"
         await pilot.press("enter")
         await wait_idle(app, pilot)
-        run_dir = app.run.run_dir
+        run_dir = app.attached.run_dir
         deadline = time.monotonic() + 60
         while app.history.step < 1 and time.monotonic() < deadline:  # the workbench streams its steps
             await pilot.pause(0.1)
@@ -226,7 +226,7 @@ async def test_quit_leaves_a_detached_run_going_a_new_workbench_attaches_and_can
         assert isinstance(app.screen, ConfirmScreen)  # offers to attach to the live run
         await pilot.press("y")
         await pilot.pause(0.5)
-        assert app.run.run_dir.resolve() == run_dir.resolve() and app.history.step >= 1
+        assert app.attached.run_dir.resolve() == run_dir.resolve() and app.history.step >= 1
         await pilot.press("q")
         await pilot.pause()
         await pilot.press("c")

@@ -87,7 +87,7 @@ class HeadSurgeonApp(App[int]):
         self.report: HeadReport | None = None  # diagnosis of the base model
         self.session: Session | None = None  # the session shown (loaded, or the last run's)
         self.owned: set[Path] = set()  # session files this workbench wrote itself (`s` may update them)
-        self.run: Launch | None = None  # the attached run
+        self.attached: Launch | None = None  # the attached run
         self.history = RunHistory()
         self.after: HeadReport | None = None  # the attached run's final diagnosis, once it has one
         self.point: int | None = None  # index into history.points while scrubbing
@@ -291,7 +291,7 @@ class HeadSurgeonApp(App[int]):
         """Show a run: rebuild its history from the log, then follow the log while the run is live."""
         if self._timer is not None:
             self._timer.stop()
-        self.run, self.session = launch, launch.session
+        self.attached, self.session = launch, launch.session
         self.history, self.after, self.point, self.run_state = RunHistory(), None, None, ""
         self._reader = LogReader(launch.run_dir / LOG_FILE)
         if not fresh:
@@ -300,9 +300,9 @@ class HeadSurgeonApp(App[int]):
         self._timer = self.set_interval(POLL_S, self._poll)
 
     def _poll(self) -> None:
-        if self.run is None or self._reader is None:
+        if self.attached is None or self._reader is None:
             return
-        live = is_live(self.run.run_dir)
+        live = is_live(self.attached.run_dir)
         records = self._reader.read_new(final=not live)
         for record in records:
             try:
@@ -310,7 +310,7 @@ class HeadSurgeonApp(App[int]):
             except (TypeError, ValueError):
                 continue  # a record from another version: skip it, keep the rest
         in_process = any(w.is_running for w in self.workers if w.group in ("surgery", "launch"))
-        state = "running" if live or in_process else run_state(self.run.run_dir).state
+        state = "running" if live or in_process else run_state(self.attached.run_dir).state
         if records or state != self.run_state:
             self.run_state = state
             self._redraw_run()
@@ -335,7 +335,7 @@ class HeadSurgeonApp(App[int]):
             self.set_status(f"run cancelled at step {h.step}: R resumes it")
         elif self.run_state == "dead":
             self.set_status(f"run dead at step {h.step} (its runner is gone): R resumes it")
-            self.notify(f"the runner of {self.run.run_dir.name} is gone: R resumes from the last saved state",
+            self.notify(f"the runner of {self.attached.run_dir.name} is gone: R resumes from the last saved state",
                         title="run dead", severity="warning", timeout=10)
         if self.point is None:
             self._show(self._latest_report())
@@ -345,7 +345,7 @@ class HeadSurgeonApp(App[int]):
     def _finished(self) -> None:
         import json
 
-        report_file = self.run.run_dir / "report.json"
+        report_file = self.attached.run_dir / "report.json"
         try:
             report = json.loads(report_file.read_text())
         except (OSError, ValueError):
@@ -355,7 +355,7 @@ class HeadSurgeonApp(App[int]):
         rec, ppl = report["recovery"], report["ppl"]
         self.set_status(f"done: woken {rec['woken']}/{rec['targets']}, functional {rec['functional']}; "
                         f"ppl {ppl['heldout_before']:.2f} → {ppl['heldout_after']:.2f}")
-        self.log_line(f"patch and report in {self.run.run_dir}; drift {report['drift']['drifted']} heads, "
+        self.log_line(f"patch and report in {self.attached.run_dir}; drift {report['drift']['drifted']} heads, "
                       f"iatrogenic {len(report['iatrogenic'])}")
 
     def _latest_report(self) -> HeadReport | None:
@@ -381,7 +381,7 @@ class HeadSurgeonApp(App[int]):
         """The statistics on screen: a scrubbed point, else the run's latest, else the base diagnosis."""
         if self.point is not None and self.report is not None:
             return point_report(self.history.points[self.point], self.report)
-        return self._latest_report() if self.run is not None else self.report
+        return self._latest_report() if self.attached is not None else self.report
 
     def before_report(self) -> HeadReport | None:
         """The model before the attached run's operation (its first point), for `was` values and drift."""
@@ -451,7 +451,7 @@ class HeadSurgeonApp(App[int]):
         drift = self.drift
         if drift is not None:
             text.append(f"drift {drift} untouched\n")
-        if self.run is not None:
+        if self.attached is not None:
             where = f"point {self.point + 1}/{len(self.history.points)}" if self.point is not None else self.run_state
             text.append(f"run {where}\n", style="dim")
         return text
@@ -500,7 +500,7 @@ class HeadSurgeonApp(App[int]):
         if not data.targets:
             self.notify("mark target heads first (space, r, c, b or a)", severity="warning")
             return
-        if self.run is not None and self.run_state == "running":
+        if self.attached is not None and self.run_state == "running":
             self.notify("a surgery is already running: wait for it, or quit and cancel it", severity="warning")
             return
         summary = f"{len(data.targets)} targets: {format_heads(data.targets)[:50]}  frozen: {len(data.frozen)}"
@@ -525,10 +525,10 @@ class HeadSurgeonApp(App[int]):
         self._start_run(launch)
 
     def action_resume_run(self) -> None:
-        if self.run is None or self.run_state not in ("dead", "cancelled"):
+        if self.attached is None or self.run_state not in ("dead", "cancelled"):
             self.notify("no dead or cancelled run to resume here", severity="warning")
             return
-        self._start_run(self.run, resume=True)
+        self._start_run(self.attached, resume=True)
 
     def _snapshot(self) -> Session:
         """The current work as a new session (model, diagnosis settings and report, marks, the run shown)."""
@@ -540,8 +540,8 @@ class HeadSurgeonApp(App[int]):
         settings = JobInputs(targets="").diagnosis_settings()
         settings.prompts = self.prompts_path
         session.diagnosis = settings.to_dict()
-        if self.run is not None:
-            session.set_run_dir(self.run.run_dir)
+        if self.attached is not None:
+            session.set_run_dir(self.attached.run_dir)
             session.status = self.run_state or session.status
         return session
 
@@ -614,7 +614,7 @@ class HeadSurgeonApp(App[int]):
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        self.run, self.after, self.point = None, None, None
+        self.attached, self.after, self.point = None, None, None
         self.history = RunHistory()
         for event in session.events():
             self.history.apply(event)
@@ -672,8 +672,8 @@ class HeadSurgeonApp(App[int]):
 
             self.push_screen(ConfirmScreen("A surgery runs in this process. Stop it at its next step and quit?"), stop)
             return
-        if self.run is not None and self.run_state == "running":
-            run_dir = self.run.run_dir
+        if self.attached is not None and self.run_state == "running":
+            run_dir = self.attached.run_dir
 
             def choose(key: str | None) -> None:
                 if key == "l":
