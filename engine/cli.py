@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .errors import HeadSurgeonError, InputError
-from .workflow import DEFAULT_CORPUS, DEFAULT_STEPS
-
-
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    except ImportError:
-        pass
+from .workflow import DEFAULT_CORPUS, DEFAULT_STEPS, JOB_DEFAULTS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,22 +19,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_diagnosis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="diagnostic prompts: .jsonl ({\"text\": ...} per line) or .txt (one per line)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=512, help="truncate prompts to this many tokens")
-    p.add_argument("--sink", type=float, default=0.50, help="BOS mass above this is a BOS sink")
-    p.add_argument("--dead", type=float, default=0.95, help="BOS mass above this is dead")
-    p.add_argument("--low-entropy", type=float, default=0.5, help="entropy (nats) below this is low-entropy")
+    p.add_argument("--batch-size", type=int, default=JOB_DEFAULTS["batch_size"])
+    p.add_argument("--max-len", type=int, default=JOB_DEFAULTS["max_len"], help="truncate prompts to this many tokens")
+    p.add_argument("--sink", type=float, default=JOB_DEFAULTS["sink"], help="BOS mass above this is a BOS sink")
+    p.add_argument("--dead", type=float, default=JOB_DEFAULTS["dead"], help="BOS mass above this is dead")
+    p.add_argument("--low-entropy", type=float, default=JOB_DEFAULTS["low_entropy"],
+                   help="entropy (nats) below this is low-entropy")
 
 
 def diagnosis_settings(args):
-    from .diagnosis import DiagnosisSettings
-    from .report import Thresholds
+    from .workflow import JobInputs
 
-    return DiagnosisSettings(
-        batch_size=args.batch_size,
-        max_len=args.max_len,
-        thresholds=Thresholds(sink=args.sink, dead=args.dead, low_entropy=args.low_entropy),
-    )
+    return JobInputs.from_namespace(args, targets="").diagnosis_settings()
 
 
 def load_from_args(args):
@@ -83,12 +64,12 @@ def cmd_diagnose(args) -> int:
 
 
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default=DEFAULT_CORPUS,
+    p.add_argument("--corpus", default=JOB_DEFAULTS["corpus"],
                    help="text file, directory of text files, .jsonl/.parquet with a text column, hub dataset id, "
                    f"python-stdlib[/PKG] or python-packages (default: {DEFAULT_CORPUS})")
     p.add_argument("--corpus-config", help="hub dataset config (e.g. en for allenai/c4)")
     p.add_argument("--corpus-split", help="hub dataset split (e.g. validation)")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-column", default=JOB_DEFAULTS["text_column"])
     p.add_argument("--max-documents", type=int, help="use only the first N documents")
 
 
@@ -96,15 +77,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
     length.add_argument("--epochs", type=int, help="epochs over the training blocks")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=5e-5, help="0 trains nothing: a re-initialisation-only control")
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--warmup-frac", type=float, default=0.05)
+    p.add_argument("--seq-len", type=int, default=JOB_DEFAULTS["seq_len"])
+    p.add_argument("--lr", type=float, default=JOB_DEFAULTS["lr"], help="0 trains nothing: a re-initialisation-only control")
+    p.add_argument("--micro-batch", type=int, default=JOB_DEFAULTS["micro_batch"])
+    p.add_argument("--grad-accum", type=int, default=JOB_DEFAULTS["grad_accum"])
+    p.add_argument("--warmup-frac", type=float, default=JOB_DEFAULTS["warmup_frac"])
     p.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default: ten points per run)")
-    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for perplexity")
+    p.add_argument("--eval-blocks", type=int, default=JOB_DEFAULTS["eval_blocks"], help="held-out blocks for perplexity")
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=JOB_DEFAULTS["seed"])
 
 
 def add_run_args(p: argparse.ArgumentParser, *, out_help: str) -> None:
@@ -160,10 +141,10 @@ def _detached(launch, console) -> None:
 def _check_outputs(args) -> None:
     """Refuse existing or unwritable outputs before any model is loaded."""
     from .preflight import check_output_dir
-    from .workflow import check_new_session
+    from .workflow import check_new_session, check_out
 
     if getattr(args, "out", None):
-        check_output_dir(args.out, overwrite=args.overwrite, what="--out")
+        check_out(args.out, overwrite=args.overwrite)
     check_new_session(getattr(args, "session", None) if args.command == "operate" else None, overwrite=args.overwrite)
     if getattr(args, "export", None):
         if args.detach:
@@ -228,6 +209,8 @@ def cmd_replay(args) -> int:
     original = Session.load(args.session)
     if not original.job:
         raise InputError(f"session {args.session} has no surgery to replay: it only holds a diagnosis")
+    if args.out and original.path.resolve().is_relative_to(Path(args.out).resolve()):
+        raise InputError(f"--out {args.out} holds the session being replayed: choose a new directory")
     _check_outputs(args)
     with console.status("loading model…"):
         loaded = _session_model(original, args)
@@ -365,10 +348,11 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--frozen", help="heads kept frozen for the record (never trained), same spec language")
     p.add_argument("--pass2-targets", help="second pass, started from the first pass's best checkpoint")
     p.add_argument("--pass2-frozen")
-    p.add_argument("--init", choices=("xavier_uniform", "xavier_normal"), default="xavier_uniform")
+    p.add_argument("--init", choices=("xavier_uniform", "xavier_normal"), default=JOB_DEFAULTS["init"])
     add_corpus_args(p)
     add_train_args(p)
-    p.add_argument("--completions", type=int, default=3, help="sample this many prompt completions before/after")
+    p.add_argument("--completions", type=int, default=JOB_DEFAULTS["completions"],
+                   help="sample this many prompt completions before/after")
     add_run_args(p, out_help="new run directory for events.jsonl, patch.safetensors, report.json and checkpoints "
                  "(default: runs/MODEL-DATE-TIME)")
     p.add_argument("--export", help="also write the repaired model (save_pretrained) into this new directory")
@@ -381,8 +365,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     add_run_args(p, out_help="new run directory (default: runs/MODEL-DATE-TIME)")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("resume", help="continue a cancelled or dead run from its last saved state")
-    add_model_args(p)
+    p = sub.add_parser("resume", help="continue a cancelled or dead run from its last saved state (its own model, "
+                       "device and dtype)")
     p.add_argument("run", help="run directory (or the session that names it)")
     p.add_argument("--detach", action="store_true", help="continue in its own process and return at once")
     p.set_defaults(func=cmd_resume)
@@ -419,6 +403,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
 
 def dispatch(args) -> int:
     """Run a parsed command; user errors become one line on stderr and exit status 2."""
+    from .runtime import quiet_libraries
+
     quiet_libraries()
     try:
         return args.func(args)

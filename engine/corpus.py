@@ -288,7 +288,7 @@ def pack_corpus(tokenizer, texts: list[str], seq_len: int, heldout_frac: float =
     if len(blocks) < 2:
         raise InputError(
             f"corpus {description!r} is too small for seq len {seq_len}: it gives {len(blocks)} block(s); "
-            "give more text or a smaller --seq-len"
+            "give more text or a smaller seq len"
         )
     n_held = max(1, int(round(len(blocks) * heldout_frac)))
     return PackedCorpus(blocks[:-n_held], blocks[-n_held:], seq_len, bos_id is not None, description)

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import InputError
 from .events import Event, event_from_dict, json_safe
 
 LOG_FILE = "events.jsonl"
@@ -32,9 +33,17 @@ class EventLog:
 
     def emit(self, event: Event) -> None:
         record = {"seq": self.seq, "time": round(time.time(), 3), **json_safe(event.to_dict())}
-        self._fh.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
-        self._fh.flush()
+        try:
+            self._append(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
+        except OSError as exc:  # a full or read-only disk: one line, the log so far intact
+            from .preflight import os_error_message
+
+            raise InputError(os_error_message(exc, self.path)) from exc
         self.seq += 1
+
+    def _append(self, line: str) -> None:
+        self._fh.write(line)
+        self._fh.flush()
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -195,7 +195,7 @@ def check_identity(recorded: dict, loaded: LoadedModel, what: str) -> None:
     if shape != (a.n_layer, a.n_head, a.hidden_size):
         raise ModelLoadError(
             f"{what} was made for a {shape[0]}-layer x {shape[1]}-head model ({recorded.get('ref')}), not "
-            f"{loaded.name} ({a.n_layer} x {a.n_head}): pass --model {recorded.get('ref')}"
+            f"{loaded.name} ({a.n_layer} x {a.n_head}): open the model it was made from ({recorded.get('ref')})"
         )
     if recorded.get("weights_hash") and loaded.source == "local" and weights_hash(loaded.ref) != recorded["weights_hash"]:
         raise ModelLoadError(

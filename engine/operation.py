@@ -24,7 +24,7 @@ from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss, mlp_dormancy,
                        perplexity, prompt_loss, recovery)
-from .events import EvalMetrics, NullSink, PhaseChanged, RunFinished, Sink, json_safe
+from .events import EvalMetrics, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
 from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
 from .prompts import load_prompts
@@ -131,6 +131,9 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
 
     sink.emit(PhaseChanged("baseline", "measuring the model before surgery"))
     before = baseline if baseline is not None else diagnose(loaded, prompts, dsettings, cancelled=cancelled)
+    if cancelled():  # a cut-short diagnosis is no "before": stop before recording anything
+        sink.emit(RunFinished(0, -1, math.inf, cancelled=True))
+        return {"cancelled": True, "passes": [], "run_dir": str(out)}
     before = before.with_thresholds(dsettings.thresholds)
     measured_before = measure(loaded, prompt_ids, eval_blocks, settings, prompts=prompts, seed=tconf.seed)
     sink.emit(before_point(before, measured_before["heldout_ppl"], job.targets))
@@ -154,6 +157,8 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
                          eval_settings=settings, diagnosis_batch=dsettings.batch_size, sink=sink,
                          cancelled=cancelled, pass_name=name)
         state = pass_dir / STATE_FILE
+        if resume and not state.is_file():  # this pass starts over: what it logged before is superseded
+            sink.emit(Resumed(name, 0))
         result = run.run(resume_state=state if resume and state.is_file() else None)
         passes.append(result)
         if result.cancelled:  # no done marker and no after-evaluation: `resume` continues this pass

@@ -35,7 +35,6 @@ LOCK_FILE = "runner.lock"
 CANCEL_FILE = "cancel"
 RUNNER_LOG = "runner.log"
 RUN_FORMAT = "head-surgeon-run"
-STATES = ("running", "finished", "cancelled", "failed", "dead")
 
 
 @dataclass
@@ -75,15 +74,23 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
+    def acquire(self, wait_s: float = 2.0) -> bool:
+        """Take the lock; False if another process holds it after `wait_s` (a reader's brief probe
+        with `is_live` is waited out)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.01)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -123,7 +130,7 @@ class RunStatus:
     """What `runs` lists and the workbench shows about a run, read from its files alone."""
 
     run_dir: Path
-    state: str  # running | finished | cancelled | failed | dead
+    state: str  # running | finished | cancelled | failed | dead (| damaged: unreadable files)
     step: int
     total_steps: int
     targets: str
@@ -167,7 +174,7 @@ def run_state(run_dir: str | Path) -> RunStatus:
 
 
 def list_runs(root: str | Path) -> list[RunStatus]:
-    """Every run directory directly under `root`, oldest first."""
+    """Every run directory directly under `root`, oldest first; one that cannot be read is `damaged`."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -176,8 +183,8 @@ def list_runs(root: str | Path) -> list[RunStatus]:
         if (d / RUN_FILE).is_file():
             try:
                 runs.append(run_state(d))
-            except InputError:
-                continue
+            except (InputError, OSError, KeyError, TypeError, ValueError) as exc:
+                runs.append(RunStatus(d, "damaged", 0, 0, "", None, "?", 0.0, str(exc).splitlines()[0][:200]))
     return sorted(runs, key=lambda r: r.created)
 
 
@@ -205,13 +212,16 @@ class _Tracker:
         self.terminal = self.terminal or event.kind in ("finished", "failed")
 
 
-def _update_session(spec: RunSpec, status: str) -> None:
-    """Best effort (a full disk may refuse it): readers take the state from the run itself (`session_state`)."""
+def _update_session(spec: RunSpec, run_dir: Path, status: str) -> None:
+    """Best effort (a full disk may refuse it): readers take the state from the run itself (`session_state`).
+    Only a session that still names this run is touched."""
     from .session import Session
 
     if spec.session and Path(spec.session).is_file():
         try:
             session = Session.load(spec.session)
+            if session.run_path() != run_dir.resolve():
+                return
             session.status = status
             session.save()
         except HeadSurgeonError:
@@ -243,14 +253,13 @@ def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=
     lock = lock or RunLock(run_dir)
     if not lock.held and not lock.acquire():
         raise InputError(f"run {run_dir} is already running in another process: attach to it or cancel it")
-    cancel_file = run_dir / CANCEL_FILE
-    try:
-        cancel_file.unlink(missing_ok=True)
+    cancel_file = run_dir / CANCEL_FILE  # cleared by whoever starts a segment (`workflow.start`), not here:
+    try:                                  # a cancel sent while this runner was starting must count
         tracker = _Tracker()
         with EventLog(run_dir) as log:
             events = MultiSink(log, tracker, sink)
             events.emit(RunStarted(os.getpid(), resume))
-            _update_session(spec, "running")
+            _update_session(spec, run_dir, "running")
             status = "failed"
             try:
                 if loaded is None:
@@ -264,14 +273,18 @@ def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=
                 status = "cancelled" if report.get("cancelled") else "finished"
                 return report
             except BaseException as exc:
-                if not tracker.terminal and not isinstance(exc, KeyboardInterrupt):
-                    events.emit(RunFailed(tracker.step, _one_line(exc)))
-                elif isinstance(exc, KeyboardInterrupt):
+                if isinstance(exc, KeyboardInterrupt):
                     status = "interrupted"
+                elif not tracker.terminal:
+                    try:
+                        events.emit(RunFailed(tracker.step, _one_line(exc)))
+                    except HeadSurgeonError:
+                        pass  # the log itself cannot be written (a full disk): the error below still says why
                 raise
             finally:
-                _update_session(spec, status)
+                _update_session(spec, run_dir, status)
     finally:
+        cancel_file.unlink(missing_ok=True)  # consumed (or moot): the next segment starts clean
         lock.release()
 
 
@@ -280,7 +293,7 @@ def _one_line(exc: BaseException) -> str:
         return str(exc)
     first = (str(exc).strip().splitlines() or [""])[0]
     if "out of memory" in first.lower():
-        return "out of memory: use a smaller --seq-len or --micro-batch, or a smaller model"
+        return "out of memory: use a smaller seq len or micro-batch, or a smaller model"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -290,6 +303,7 @@ def spawn(run_dir: str | Path, *, resume: bool = False, wait_s: float = 60.0) ->
     run_dir = Path(run_dir).resolve()
     if is_live(run_dir):
         raise InputError(f"run {run_dir} is already running: attach to it or cancel it")
+    (run_dir / CANCEL_FILE).unlink(missing_ok=True)  # a cancel meant for an earlier segment
     cmd = [sys.executable, "-m", "engine.runner", str(run_dir)] + (["--resume"] if resume else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     root = str(Path(__file__).resolve().parents[1])  # the engine importable from anywhere
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    from .cli import quiet_libraries
+    from .runtime import quiet_libraries
 
     quiet_libraries()
     try:

@@ -9,6 +9,23 @@ from .errors import InputError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def quiet_libraries() -> None:
+    """No tokenizers fork warnings, transformers log lines or progress bars in a command's output."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`None`/"auto" picks CUDA when available, else CPU; "cuda" without a GPU is an error."""
     if device in (None, "auto"):

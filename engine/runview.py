@@ -15,7 +15,7 @@ from .report import HeadReport
 
 @dataclass
 class RunHistory:
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for every optimizer step
+    losses: list[tuple[str, int, float]] = field(default_factory=list)  # (pass, step, loss), every optimizer step
     points: list[EvalMetrics] = field(default_factory=list)  # the "before" point first, then each evaluation
     recoveries: dict[tuple[str, int], HeadRecovery] = field(default_factory=dict)  # (pass, step) -> recovery
     phase: str = ""
@@ -28,27 +28,37 @@ class RunHistory:
     outcome: str | None = None  # None while going; "finished", "cancelled" or "failed"
     message: str = ""
     pid: int | None = None
-    segment_start: int = 0  # the step this process segment started from (0, or where it resumed)
+    segment_start: int | None = None  # the step before this process segment's first step (for the ETA)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, StepMetrics):
-            self.losses.append((event.step, event.loss))
+            if self.segment_start is None:
+                self.segment_start = event.step - 1
+            self.losses.append((self.phase, event.step, event.loss))
             self.step, self.total_steps = event.step, event.total_steps
             self.tokens_per_s, self.elapsed_s = event.tokens_per_s, event.elapsed_s
         elif isinstance(event, EvalMetrics):
-            self.points.append(event)
+            if event.label == "before":  # a resumed run measures the same base again: keep one
+                self.points = [p for p in self.points if p.label != "before"]
+                self.points.insert(0, event)
+            else:
+                self.points.append(event)
         elif isinstance(event, HeadRecovery):
             self.recoveries[(self.phase, event.step)] = event
         elif isinstance(event, PhaseChanged):
+            if event.phase != self.phase:
+                self.segment_start = None
             self.phase, self.detail = event.phase, event.detail
         elif isinstance(event, Checkpoint) and event.best:
             self.best_checkpoint = event.path
         elif isinstance(event, Resumed):
-            self.phase, self.step, self.segment_start = event.pass_name, event.step, event.step
-            self.losses = [(s, v) for s, v in self.losses if s <= event.step]
-            self.points = [p for p in self.points if p.label != event.pass_name or p.step <= event.step]
+            name, k = event.pass_name, event.step
+            self.phase, self.step, self.segment_start = name, k, None
+            self.losses = [x for x in self.losses if x[0] != name or x[1] <= k]
+            self.points = [p for p in self.points if p.label != name or p.step <= k]
+            self.recoveries = {key: r for key, r in self.recoveries.items() if key[0] != name or key[1] <= k}
         elif isinstance(event, RunStarted):
-            self.pid, self.outcome, self.message = event.pid, None, ""
+            self.pid, self.outcome, self.message, self.segment_start = event.pid, None, "", None
         elif isinstance(event, RunFinished):
             self.outcome = "cancelled" if event.cancelled else "finished"
         elif isinstance(event, RunFailed):
@@ -61,13 +71,17 @@ class RunHistory:
         return next(reversed(self.recoveries.values()), None)
 
     @property
+    def loss_values(self) -> list[float]:
+        return [v for _, _, v in self.losses if v is not None]
+
+    @property
     def heldout_ppls(self) -> list[float]:
         return [p.heldout_ppl for p in self.points if p.heldout_ppl is not None]
 
     def eta_s(self) -> float | None:
-        """Seconds left in the current pass at the recent step rate."""
-        done = self.step - self.segment_start
-        if done <= 0 or not self.total_steps or not self.elapsed_s:
+        """Seconds left in the current pass at this process segment's step rate."""
+        done = self.step - (self.segment_start or 0)
+        if self.segment_start is None or done <= 0 or not self.total_steps or not self.elapsed_s:
             return None
         return self.elapsed_s / done * (self.total_steps - self.step)
 

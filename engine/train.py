@@ -237,8 +237,10 @@ class SurgeryRun:
                 "heldout_ppl": heldout_ppl, "train": asdict(self.config)}
 
     def _save_state(self, step: int) -> None:
-        """Slices + optimizer + scheduler at `step`, for `resume`."""
-        from safetensors.torch import save_file
+        """Slices + optimizer + scheduler at `step`, for `resume` (atomic: a full disk keeps the last one)."""
+        from safetensors.torch import save
+
+        from .atomic import atomic_write_bytes
 
         tensors = dict(self.slices.head_tensors())
         names = {id(p): n for n, p in self.slices.named_parameters()}
@@ -251,9 +253,7 @@ class SurgeryRun:
         meta = {"step": step, "opt_steps": opt_meta, "scheduler": self.scheduler.state_dict(),
                 "best_step": self.result.best_step, "best_heldout_ppl": self.result.best_heldout_ppl,
                 "best_path": self.result.best_path, "plan": self.plan.to_dict(), "history": self.result.history}
-        tmp = self.dir / f".{STATE_FILE}.tmp"
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-        tmp.replace(self.dir / STATE_FILE)
+        atomic_write_bytes(self.dir / STATE_FILE, save(tensors, metadata={"state": json.dumps(meta)}))
 
     def _load_state(self, path: Path) -> int:
         from safetensors import safe_open
@@ -344,7 +344,7 @@ class SurgeryRun:
 
     def _diverged(self, step: int, loss: float):
         last = self.result.best_path
-        message = (f"loss became {loss} at step {step} of {self.pass_name}: lower --lr or check the corpus; "
+        message = (f"loss became {loss} at step {step} of {self.pass_name}: lower the learning rate or check the corpus; "
                    f"last good checkpoint: {last or 'none'}")
         self.sink.emit(RunFailed(step, message, last))
         raise TrainingDiverged(message)

@@ -11,6 +11,7 @@ The CLI and the workbench both call it, so they share defaults and rules:
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -21,6 +22,7 @@ from .errors import InputError
 from .runner import RUN_FILE, RunSpec
 from .session import SESSION_FILE, Session
 
+DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 RUNS_DIR = Path("runs")
 SESSIONS_DIR = Path("sessions")
 DEFAULT_CORPUS = "python-stdlib/json"
@@ -69,12 +71,37 @@ class JobInputs:
             values["checkpointing"] = False
         return cls(**{**values, **overrides})
 
+    @classmethod
+    def from_job(cls, job: dict[str, Any], **overrides: Any) -> "JobInputs":
+        """The inputs a recorded job came from (targets as recorded): `o` on a loaded session keeps every
+        setting the dialog does not show."""
+        plans, train = job.get("plans") or [{}], job.get("train", {})
+        corpus, ev = job.get("corpus", {}), job.get("evaluation", {})
+        diag = job.get("diagnosis") or {"thresholds": ev.get("thresholds", {})}
+        th = diag.get("thresholds", {})
+        second = plans[1] if len(plans) > 1 else {}
+        values = dict(
+            targets=plans[0].get("targets", ""), frozen=plans[0].get("frozen", ""),
+            pass2_targets=second.get("targets"), pass2_frozen=second.get("frozen"),
+            init=plans[0].get("init", "xavier_uniform"), corpus=corpus.get("source", DEFAULT_CORPUS),
+            corpus_config=corpus.get("config"), corpus_split=corpus.get("split"),
+            text_column=corpus.get("text_column", "text"), max_documents=corpus.get("max_documents"),
+            steps=train.get("steps"), epochs=train.get("epochs"), seq_len=train.get("seq_len", 512),
+            lr=train.get("lr", 5e-5), micro_batch=train.get("micro_batch", 1), grad_accum=train.get("grad_accum", 8),
+            warmup_frac=train.get("warmup_frac", 0.05), eval_every=train.get("eval_every"),
+            eval_blocks=train.get("eval_blocks", 16), checkpointing=train.get("gradient_checkpointing", True),
+            seed=plans[0].get("seed", train.get("seed", 0)), prompts=diag.get("prompts"),
+            batch_size=diag.get("batch_size", 8), max_len=diag.get("max_len", 512),
+            sink=th.get("sink", 0.5), dead=th.get("dead", 0.95), low_entropy=th.get("low_entropy", 0.5),
+            completions=ev.get("completion_prompts", 3))
+        return cls(**{**values, **overrides})
+
     # --- pieces of the job ------------------------------------------------------------------------
     def diagnosis_settings(self):
         from .diagnosis import DiagnosisSettings
         from .report import Thresholds
 
-        return DiagnosisSettings(batch_size=self.batch_size, max_len=self.max_len, prompts=self.prompts,
+        return DiagnosisSettings(batch_size=self.batch_size, max_len=self.max_len, prompts=_absolute(self.prompts),
                                  thresholds=Thresholds(sink=self.sink, dead=self.dead, low_entropy=self.low_entropy))
 
     def train_config(self):
@@ -91,7 +118,8 @@ class JobInputs:
 
         if not self.corpus:
             raise InputError("give a corpus: a text file, directory, hub dataset id or python-stdlib/PKG")
-        return CorpusSpec(self.corpus, self.corpus_config, self.corpus_split, self.text_column, self.max_documents)
+        return CorpusSpec(_absolute(self.corpus), self.corpus_config, self.corpus_split, self.text_column,
+                          self.max_documents)
 
     def specs(self) -> list[tuple[str, str | None]]:
         """(targets, frozen) per pass."""
@@ -132,20 +160,33 @@ class JobInputs:
         return SurgeryJob(plans, self.corpus_spec(), self.train_config(), evaluation, diagnosis=diagnosis)
 
 
+JOB_DEFAULTS = {f.name: f.default for f in fields(JobInputs)}  # the CLI's flags and the workbench's dialog start here
+
+
 # --- where things go ---------------------------------------------------------------------------------
-def new_run_dir(name: str, out: str | Path | None = None, *, overwrite: bool = False,
-                root: str | Path = RUNS_DIR) -> Path:
-    """Create the run directory: `out` (refused if it exists, unless `overwrite` and it is a run directory
-    or empty) or a fresh `root/NAME-YYYYmmdd-HHMMSS[-N]`."""
+def check_out(out: str | Path, *, overwrite: bool = False) -> None:
+    """The cheap checks on an `--out` run directory, before any work: new, or (with `overwrite`) a run
+    directory that no runner is using, or an empty one."""
+    from .preflight import check_output_dir
+    from .runner import is_live
+
+    out = Path(out)
+    if overwrite and out.is_dir():
+        if any(out.iterdir()) and not (out / RUN_FILE).is_file():
+            raise InputError(f"--overwrite replaces only a run directory, and {out} is not one (no {RUN_FILE}): "
+                             "choose a new directory")
+        if is_live(out):
+            raise InputError(f"run {out} is running: cancel it (head-surgeon cancel {out}) before replacing it")
+        out = out.parent / f".{out.name}-check"  # what is left to check: that a directory can be made there
+    check_output_dir(out, what="--out")
+
+
+def new_run_dir(name: str, out: str | Path | None = None, *, root: str | Path = RUNS_DIR) -> Path:
+    """Create the run directory: `out` (which must not exist) or a fresh `root/NAME-YYYYmmdd-HHMMSS[-N]`."""
     from .preflight import check_output_dir
 
     if out is not None:
         out = Path(out)
-        if overwrite and out.is_dir():
-            if any(out.iterdir()) and not (out / RUN_FILE).is_file():
-                raise InputError(f"--overwrite replaces only a run directory, and {out} is not one (no {RUN_FILE}): "
-                                 "choose a new directory")
-            shutil.rmtree(out)
         check_output_dir(out, what="--out")
         _mkdir(out, parents=True)
         return out
@@ -198,7 +239,17 @@ def create_run(loaded, job, *, out: str | Path | None = None, session_path: str 
 
     session_file = check_new_session(session_path, overwrite=overwrite)
     identity = model_identity(loaded)
-    run_dir = new_run_dir(loaded.name, out, overwrite=overwrite, root=root)
+    aside = None
+    if out is not None and overwrite and Path(out).exists():  # set the old run aside until the new one stands
+        check_out(out, overwrite=True)
+        aside = Path(out).parent / f".{Path(out).name}.replaced-{os.getpid()}"
+        os.rename(out, aside)
+    try:
+        run_dir = new_run_dir(run_name(identity), out, root=root)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, out)
+        raise
     session = derived_from.derive() if derived_from is not None else Session(model=identity)
     session.model = identity
     session.path = Path(session_file) if session_file else run_dir / SESSION_FILE
@@ -213,14 +264,29 @@ def create_run(loaded, job, *, out: str | Path | None = None, session_path: str 
     details = {"of": session.derived_from} if action == "replay" else {}
     session.log(action, run_dir=str(run_dir), targets=format_heads(job.targets), frozen=format_heads(job.frozen),
                 **details)
+    # The base exactly: a hub model's commit, and the device type and dtype it ran in (a resume elsewhere
+    # in another precision would not give the same patch).
+    model = {"ref": identity["ref"], "revision": identity.get("commit") or identity.get("revision"),
+             "device": device or loaded.device.type, "dtype": dtype or DTYPE_NAMES.get(str(loaded.dtype), dtype)}
     try:
-        RunSpec(model={"ref": identity["ref"], "revision": identity.get("revision"), "device": device, "dtype": dtype},
-                identity=identity, job=job.to_dict(), session=str(session.path.resolve())).save(run_dir)
+        RunSpec(model=model, identity=identity, job=job.to_dict(), session=str(session.path.resolve())).save(run_dir)
         session.save()
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that could not be set up leaves nothing behind
+        if aside is not None:
+            os.rename(aside, out)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return Launch(run_dir, session)
+
+
+def run_name(identity: dict[str, Any]) -> str:
+    """A run directory's name stem: `organism`, `bloom-560m` (hub `org/name` -> `org--name`), a folder's name."""
+    ref = str(identity.get("ref", "model"))
+    if identity.get("source") == "local" and ref != "organism":
+        return Path(ref).name
+    return ref.replace("/", "--")
 
 
 def start(launch: Launch, *, detach: bool, resume: bool = False, loaded=None, baseline=None, sink=None,
@@ -228,6 +294,7 @@ def start(launch: Launch, *, detach: bool, resume: bool = False, loaded=None, ba
     """Run it here (returns the report) or detached (returns None at once; `launch.pid` is the runner)."""
     from . import runner
 
+    (launch.run_dir / runner.CANCEL_FILE).unlink(missing_ok=True)  # a cancel meant for an earlier segment
     if detach:
         launch.pid = runner.spawn(launch.run_dir, resume=resume)
         return None
@@ -236,7 +303,7 @@ def start(launch: Launch, *, detach: bool, resume: bool = False, loaded=None, ba
 
 
 def open_run(target: str | Path) -> Launch:
-    """A run directory, or a session naming one, as a Launch (resume, attach, cancel take either)."""
+    """A run directory, or a session naming one, as a Launch (resume and attach take either)."""
     target = Path(target)
     if target.is_dir() and (target / RUN_FILE).is_file():
         session_path = RunSpec.load(target).session
@@ -259,7 +326,7 @@ def replay_job(original: Session, adapter) -> Any:
         raise InputError(f"session {original.path} has no surgery to replay: it only holds a diagnosis")
     job = dict(original.job)
     if "diagnosis" not in job and original.diagnosis:
-        job["diagnosis"] = {**original.diagnosis, "prompts": original.diagnosis.get("prompts")}
+        job["diagnosis"] = original.diagnosis
     return SurgeryJob.from_dict(job, adapter)
 
 
@@ -272,3 +339,11 @@ def new_session_path(name: str, root: str | Path = SESSIONS_DIR) -> Path:
     while path.exists():
         path, n = root / f"{name}-{n}.json", n + 1
     return check_output_file(path, what="session")
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local path as an absolute one (so a run started or resumed elsewhere reads the same file);
+    hub ids and built-in sources unchanged."""
+    if source and Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    return source

@@ -9,7 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import quiet_libraries
 from engine.errors import HeadSurgeonError, InputError
 
 HELP = "pretrain a small ALiBi BLOOM until its low-slope heads collapse"
@@ -108,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m organism", description=HELP)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    from engine.runtime import quiet_libraries
+
     quiet_libraries()
     try:
         return cmd_organism(args)

@@ -155,30 +155,42 @@ def test_existing_outputs_are_refused_before_any_work(planted_dir, corpus, tmp_p
     assert not (tmp_path / "new").exists() and not Path("runs").exists()
 
 
+@pytest.mark.parametrize("where", ["files", "log"])
 def test_a_full_disk_mid_run_fails_in_one_line_and_keeps_the_last_checkpoint(planted_dir, corpus, tmp_path,
-                                                                              monkeypatch, capsys):
+                                                                              monkeypatch, capsys, where):
+    """The disk fills after a few checkpoints: under the checkpoint and state files (atomic writes) or
+    under the event log. Either way one line, exit 2, and the last checkpoint intact."""
     import engine.atomic as atomic
+    import engine.eventlog as eventlog
 
     _, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=6, eval_every=2)
-    real, calls = atomic.os.fsync, {"n": 0}
+    calls = {"n": 0}
 
-    def fsync(fd):
-        calls["n"] += 1
-        if calls["n"] > 6:  # a few checkpoints and states get written, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
+    def full_after(limit, real):
+        def write(*args):
+            calls["n"] += 1
+            if calls["n"] > limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args)
+        return write
 
-    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    if where == "files":
+        monkeypatch.setattr(atomic.os, "fsync", full_after(6, atomic.os.fsync))
+    else:
+        monkeypatch.setattr(eventlog.EventLog, "_append", full_after(25, eventlog.EventLog._append))
     assert cli(["resume", str(launch.run_dir)]) == 2
     err = capsys.readouterr().err
     assert "no space left" in err.lower() and len(err.strip().splitlines()) == 1, err
-    monkeypatch.setattr(atomic.os, "fsync", real)
+    monkeypatch.undo()
     status = runner.run_state(launch.run_dir)
-    assert status.state == "failed" and "space" in status.message.lower()
+    assert status.state in ("failed", "dead")  # a full log cannot record its own failure: it reads as dead
+    assert status.state == "failed" or where == "log"
     best = launch.run_dir / "checkpoints" / "pass-1" / "best.safetensors"
     tensors, meta = load_patch(best)  # intact: its checksum holds
-    assert meta["step"] >= 2 and not list(launch.run_dir.rglob("*.tmp"))
-    assert runner.session_state(Session.load(launch.run_dir)) == "failed"
+    assert meta["step"] >= 2 and not [p for p in launch.run_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert runner.session_state(Session.load(launch.run_dir)) == ("failed" if where == "files" else "interrupted")
+    assert cli(["resume", str(launch.run_dir)]) == 0  # space again: the run goes on from its last state
+    assert runner.run_state(launch.run_dir).state == "finished"
 
 
 # ---------------------------------------------------------------------------------- detached runs
@@ -198,19 +210,33 @@ def _last_step(run_dir: Path) -> int:
 
 def test_a_detached_run_outlives_a_hangup_and_after_sigkill_resumes_to_the_same_patch(planted_dir, corpus, tmp_path,
                                                                                      capsys):
-    _, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=24, eval_every=4)
-    start(launch, detach=True)
-    pid = launch.pid
-    assert runner.is_live(launch.run_dir) and os.getsid(pid) != os.getsid(0)  # its own process session
-    _wait(lambda: _last_step(launch.run_dir) >= 1, what="the first step")
-    os.kill(pid, signal.SIGHUP)  # the shell that started it hung up
-    time.sleep(0.3)
-    assert runner.run_state(launch.run_dir).state == "running"
-    _wait(lambda: _last_step(launch.run_dir) >= 5, what="a saved state")
+    """`operate --detach` from a login shell; the shell's whole process group hangs up; the run goes on.
+    Then its runner is killed mid-run, `runs` says dead, and `resume` finishes it with the patch an
+    uninterrupted run makes."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "runs" / "killed"
+    operate = [sys.executable, "-m", "tui.entry", "operate", "--model", str(planted_dir), "--device", "cpu",
+               "--targets", "0.3,2.1", "--corpus", str(corpus), "--steps", "40", "--eval-every", "4",
+               "--seq-len", "32", "--grad-accum", "2", "--lr", "1e-2", "--completions", "0", "--eval-blocks", "4", "--detach",
+               "--out", str(run_dir)]
+    shell = subprocess.Popen(["bash", "-c", f"{subprocess.list2cmdline(operate)} && sleep 60"],
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait(lambda: runner.is_live(run_dir) and _last_step(run_dir) >= 1, what="the first step")
+    os.killpg(shell.pid, signal.SIGHUP)  # the terminal closed: its whole process group hangs up
+    shell.wait(timeout=30)
+    assert "started in the background" in shell.stdout.read()
+    pid = int((run_dir / runner.LOCK_FILE).read_text())
+    assert os.getsid(pid) not in (os.getsid(0), shell.pid)  # the runner has a process session of its own
+    step = _last_step(run_dir)
+    _wait(lambda: _last_step(run_dir) > step, what="a step after the hangup")
+    _wait(lambda: _last_step(run_dir) >= 9, what="a saved state")
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    status = runner.run_state(launch.run_dir)
-    assert status.state == "dead" and status.step < 24, "the run finished before it could be killed"
+    _wait(lambda: not runner.is_live(run_dir), what="the lock to go with the process")
+    status = runner.run_state(run_dir)
+    assert status.state == "dead" and status.step < 40, "the run finished before it could be killed"
+    launch = open_run(run_dir)
     session = Session.load(launch.run_dir)
     assert session.status == "running" and runner.session_state(session) == "interrupted"
     assert cli(["runs", str(tmp_path / "runs")]) == 0
@@ -220,30 +246,71 @@ def test_a_detached_run_outlives_a_hangup_and_after_sigkill_resumes_to_the_same_
 
     assert cli(["resume", str(launch.run_dir)]) == 0
     assert runner.run_state(launch.run_dir).state == "finished"
-    _, whole = _launch(planted_dir, corpus, tmp_path / "runs", steps=24, eval_every=4)
+    _, whole = _launch(planted_dir, corpus, tmp_path / "runs", steps=40, eval_every=4)
     start(whole, detach=False)
     a, b = _patch(whole.run_dir), _patch(launch.run_dir)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     points = [p for p in open_run(launch.run_dir).session.eval_points() if p.label == "pass-1"]
-    assert [p.step for p in points][-1] == 24
+    assert [p.step for p in points][-1] == 40
 
 
-def test_cancel_stops_a_detached_run_at_a_step_and_resume_finishes_it(planted_dir, corpus, tmp_path):
-    _, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=16, eval_every=8)
+def test_cancel_stops_a_detached_run_at_a_step_and_skips_the_after_evaluation(planted_dir, corpus, tmp_path):
+    """(That a cancelled run resumes to the same patch: test_operate.test_cancelled_run_resumes_to_the_same_patch.)"""
+    _, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=5000, eval_every=2500)
     start(launch, detach=True)
     _wait(lambda: _last_step(launch.run_dir) >= 2, what="the first steps")
     assert "stop at its next step" in runner.cancel(launch.run_dir)
     _wait(lambda: not runner.is_live(launch.run_dir), what="the runner to stop")
     status = runner.run_state(launch.run_dir)
-    assert status.state == "cancelled" and status.step < 16
+    assert status.state == "cancelled" and 2 <= status.step < 5000
     assert not (launch.run_dir / REPORT_FILE).exists()  # the after-evaluation was skipped
     events = read_events(launch.run_dir / LOG_FILE)
     assert not any(isinstance(e, PhaseChanged) and e.phase == "evaluate" for e in events)
-    start(open_run(launch.run_dir), detach=False, resume=True)
-    assert runner.run_state(launch.run_dir).state == "finished" and (launch.run_dir / PATCH_FILE).is_file()
-    steps = [e.step for e in read_events(launch.run_dir / LOG_FILE) if isinstance(e, StepMetrics)]
-    assert steps[-1] == 16 and isinstance(read_events(launch.run_dir / LOG_FILE)[-1], RunFinished)
-    assert any(isinstance(e, EvalMetrics) and e.label == "before" for e in read_events(launch.run_dir / LOG_FILE))
+    assert any(isinstance(e, EvalMetrics) and e.label == "before" for e in events)
+    assert isinstance(events[-1], RunFinished) and events[-1].cancelled
+
+
+def test_a_cancel_sent_the_moment_a_detached_run_starts_is_not_lost(planted_dir, corpus, tmp_path):
+    _, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=5000, eval_every=2500)
+    start(launch, detach=True)  # returns once the runner holds the lock, before its imports and model load
+    runner.cancel(launch.run_dir)
+    _wait(lambda: not runner.is_live(launch.run_dir), what="the runner to stop")
+    status = runner.run_state(launch.run_dir)
+    assert status.state == "cancelled" and status.step < 5, status
+    assert not (launch.run_dir / runner.CANCEL_FILE).exists()  # consumed: a resume starts clean
+
+
+def test_a_cancel_during_the_diagnosis_before_records_no_before_point(planted_dir, corpus, tmp_path):
+    from engine.events import ListSink
+    from engine.operation import run_job
+
+    loaded, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=4)
+    sink = ListSink()
+    job = JobInputs(targets="0.3", corpus=str(corpus), **SMALL, steps=4).build_job(loaded.adapter)
+    report = run_job(loaded, job, tmp_path / "r", sink=sink, cancelled=lambda: True)
+    assert report["cancelled"] and not sink.of(EvalMetrics) and not sink.of(StepMetrics)
+    assert sink.of(RunFinished)[0].cancelled
+
+
+def test_overwrite_never_replaces_a_live_run_or_the_session_being_replayed(planted_dir, corpus, tmp_path, capsys):
+    _, launch = _launch(planted_dir, corpus, tmp_path / "runs", steps=5000, eval_every=2500)
+    start(launch, detach=True)
+    try:
+        assert cli(["operate", "--model", str(planted_dir), "--device", "cpu", "--targets", "0.3", "--corpus",
+                    str(corpus), "--out", str(launch.run_dir), "--overwrite"]) == 2
+        assert "is running: cancel it" in capsys.readouterr().err
+        assert runner.is_live(launch.run_dir) and (launch.run_dir / "run.json").is_file()
+    finally:
+        runner.cancel(launch.run_dir)
+        _wait(lambda: not runner.is_live(launch.run_dir), what="the runner to stop")
+    assert cli(["replay", str(launch.run_dir / "session.json"), "--out", str(launch.run_dir), "--overwrite"]) == 2
+    assert "holds the session being replayed" in capsys.readouterr().err
+    # A finished or cancelled run directory is replaced only once the new run is set up.
+    assert cli(["operate", "--model", str(planted_dir), "--device", "cpu", "--targets", "0.3", "--corpus",
+                str(corpus), "--steps", "1", "--seq-len", "32", "--completions", "0", "--out", str(launch.run_dir),
+                "--overwrite"]) == 0
+    assert runner.run_state(launch.run_dir).state == "finished" and runner.run_state(launch.run_dir).step == 1
+    assert not [p for p in launch.run_dir.parent.iterdir() if ".replaced-" in p.name]
 
 
 def test_ctrl_c_stops_an_in_process_operate_at_a_step_boundary_within_seconds(planted_dir, corpus, tmp_path):
@@ -264,3 +331,28 @@ def test_ctrl_c_stops_an_in_process_operate_at_a_step_boundary_within_seconds(pl
     assert "stoppingatthenextstep" in said and f"head-surgeonresume{out}" in said
     status = runner.run_state(out)
     assert status.state == "cancelled" and 1 <= status.step < 5000 and not (out / REPORT_FILE).exists()
+
+
+def test_run_history_after_resuming_the_second_pass_keeps_the_first_and_one_before_point():
+    from engine.events import HeadRecovery, Resumed, RunStarted
+    from engine.runview import RunHistory
+
+    def point(label, step):
+        return EvalMetrics(step, 1.0, 2.7, 10.0 - step, {}, [[0.5]], [[0.1]], [[1.0]], [[0.2]], label=label)
+
+    def steps(first, last, t0=0.0):
+        return [StepMetrics(s, 4, 1.0 / s, 1e-3, 1.0, 100.0, t0 + (s - first + 1), 0) for s in range(first, last + 1)]
+
+    history = RunHistory()
+    events = [RunStarted(1), point("before", 0), PhaseChanged("pass-1"), point("pass-1", 0), *steps(1, 4),
+              point("pass-1", 4), HeadRecovery(4, 1, 1, 1), PhaseChanged("pass-2"), point("pass-2", 0), *steps(1, 3),
+              # the runner died in pass 2 after its state at step 2; a resume measures the base again
+              RunStarted(2, resume=True), point("before", 0), PhaseChanged("pass-1", "already done"),
+              Resumed("pass-2", 2), PhaseChanged("pass-2"), *steps(3, 4)]
+    for e in events:
+        history.apply(e)
+    assert [(p.label, p.step) for p in history.points] == [("before", 0), ("pass-1", 0), ("pass-1", 4), ("pass-2", 0)]
+    assert [(name, s) for name, s, _ in history.losses] == [("pass-1", s) for s in (1, 2, 3, 4)] + \
+        [("pass-2", s) for s in (1, 2, 3, 4)]
+    assert history.recoveries[("pass-1", 4)].woken == 1
+    assert history.segment_start == 2 and history.eta_s() == 0.0  # this segment ran steps 3-4 of 4

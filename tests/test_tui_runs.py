@@ -4,6 +4,8 @@ as notifications, dead runs resumed, detached runs left going or cancelled on qu
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -92,7 +94,7 @@ async def test_two_surgeries_in_a_row_each_start_from_the_base_and_replay_to_the
         await _operate(app, pilot, {})
         second = app.attached.run_dir
         assert second != first and app.run_state == "finished"
-        assert Session.load(second).derived_from is None or Path(Session.load(second).derived_from) != first
+        assert Session.load(second).derived_from is None  # started from the base, not stacked on the first
     a, b = _patch(first), _patch(second)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert cli(["replay", str(second / "session.json"), "--device", "cpu", "--out", str(workdir / "replay")]) == 0
@@ -217,20 +219,54 @@ async def test_quit_leaves_a_detached_run_going_a_new_workbench_attaches_and_can
         assert isinstance(app.screen, ChoiceScreen)
         started = time.monotonic()
         await pilot.press("l")
-    assert time.monotonic() - started < 5
-    assert runner.run_state(run_dir).state == "running"  # left going
+    try:
+        assert time.monotonic() - started < 5
+        assert runner.run_state(run_dir).state == "running"  # left going
 
-    app = HeadSurgeonApp(model_ref=str(planted_dir))
+        app = HeadSurgeonApp(model_ref=str(planted_dir))
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            await wait_idle(app, pilot)
+            assert isinstance(app.screen, ConfirmScreen)  # offers to attach to the live run
+            await pilot.press("y")
+            await pilot.pause(0.5)
+            assert app.attached.run_dir.resolve() == run_dir.resolve() and app.history.step >= 1
+            assert "runner" in "\n".join(line.text for line in app.query_one("#log").lines)  # the log pane too
+            await pilot.press("q")
+            await pilot.pause()
+            await pilot.press("c")
+        deadline = time.monotonic() + 60
+        while runner.is_live(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.run_state(run_dir).state == "cancelled"
+    finally:
+        if runner.is_live(run_dir):  # never leave a 5000-step runner behind a failed assertion
+            os.kill(int((run_dir / runner.LOCK_FILE).read_text()), signal.SIGKILL)
+
+
+async def test_attaching_to_a_run_started_without_a_diagnosis_rebuilds_the_grid_from_its_log(planted_dir, workdir):
+    """`operate --detach` with explicit heads records no diagnosis in its session: the grid, scrubbing and
+    the detail pane come from the run's own "before" point and evaluations."""
+    assert cli(["operate", "--model", str(planted_dir), "--device", "cpu", "--targets", "0.3,2.1", "--corpus",
+                str(workdir / "corpus.txt"), "--steps", "2", "--seq-len", "32", "--grad-accum", "2", "--completions",
+                "0", "--out", str(workdir / "run")]) == 0
+    session = Session.load(workdir / "run")
+    session.report = None  # as a detached run leaves it
+    session.save()
+    app = HeadSurgeonApp(attach=str(workdir / "run"), detach=False)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
         await wait_idle(app, pilot)
-        assert isinstance(app.screen, ConfirmScreen)  # offers to attach to the live run
-        await pilot.press("y")
-        await pilot.pause(0.5)
-        assert app.attached.run_dir.resolve() == run_dir.resolve() and app.history.step >= 1
-        await pilot.press("q")
         await pilot.pause()
-        await pilot.press("c")
-    deadline = time.monotonic() + 60
-    while runner.is_live(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert runner.run_state(run_dir).state == "cancelled"
+        assert app.run_state == "finished" and app.report is not None
+        await pilot.press(*"[" * 5)
+        assert app.grid.data.classes[0][3] == "dead" and "before the operation" in str(app.query_one("#status").render())
+        assert "not diagnosed" not in str(app.query_one("#detail").render())
+
+
+async def test_attaching_with_other_weights_is_refused(planted_dir, tiny_dir, workdir):
+    assert cli(["operate", "--model", str(planted_dir), "--device", "cpu", "--targets", "0.3", "--corpus",
+                str(workdir / "corpus.txt"), "--steps", "1", "--seq-len", "32", "--completions", "0",
+                "--out", str(workdir / "run")]) == 0
+    app = HeadSurgeonApp(model_ref=str(tiny_dir), attach=str(workdir / "run"), detach=False)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        assert app.attached is None and any("other weights" in n.message for n in app._notifications)

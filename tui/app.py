@@ -7,8 +7,10 @@ terminal. Attaching (`o`, `L`, `head-surgeon attach`) rebuilds everything from t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -21,32 +23,41 @@ from engine.diagnosis import diagnose
 from engine.errors import HeadSurgeonError, InputError
 from engine.eventlog import LOG_FILE, LogReader
 from engine.evaluate import EvalSettings, drifted
-from engine.events import DiagnosisProgress, event_from_dict
+from engine.events import (Checkpoint, DiagnosisProgress, EvalMetrics, PhaseChanged, Resumed, RunFailed, RunFinished,
+                           RunStarted, event_from_dict)
 from engine.model import check_identity, load_model, model_identity
 from engine.prompts import load_prompts
 from engine.report import HeadReport
-from engine.runner import RunSpec, cancel, is_live, list_runs, run_state
+from engine.report import Thresholds
+from engine.runner import RunSpec, cancel, is_live, list_runs, run_state, session_state
 from engine.runview import RunHistory, point_report
 from engine.session import Session
 from engine.spec import format_heads, parse_heads
-from engine.workflow import (DEFAULT_CORPUS, DEFAULT_STEPS, RUNS_DIR, SESSIONS_DIR, JobInputs, Launch, create_run,
-                             new_session_path, open_run, start)
+from engine.workflow import (DEFAULT_STEPS, JOB_DEFAULTS, RUNS_DIR, SESSIONS_DIR, JobInputs, Launch, create_run,
+                             new_session_path, open_run, run_name, start)
 
-from .bridge import EngineEvent, MessageSink, ModelLoaded, ReportReady, RunLaunched, WorkFailed
+from .bridge import EngineEvent, MessageSink, ModelLoaded, ReportReady, RunCreated, RunLaunched, WorkFailed
 from .headgrid import CLASS_NAMES, GridData, HeadGrid
 from .screens import ChoiceScreen, ConfirmScreen, HelpScreen, PromptScreen, SurgeryScreen
 
 POLL_S = 0.25  # how often an attached run's log is read
 
 
-def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | None) -> JobInputs:
-    """The surgery dialog's fields and the grid's marks as the same inputs the CLI builds from flags."""
+def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | None,
+                      base: JobInputs | None = None) -> JobInputs:
+    """The surgery dialog's fields and the grid's marks as the same inputs the CLI builds from flags;
+    `base` (a loaded session's job) supplies every setting the dialog does not show."""
+    base = base or JobInputs(targets="", prompts=prompts)
     try:
-        return JobInputs(targets=format_heads(targets), frozen=format_heads(frozen), corpus=fields["corpus"],
-                         steps=int(fields["steps"]), lr=float(fields["lr"]), seq_len=int(fields["seq_len"]),
-                         seed=int(fields["seed"]), prompts=prompts)
+        return replace(base, targets=format_heads(targets), frozen=format_heads(frozen), corpus=fields["corpus"],
+                       steps=int(fields["steps"]), epochs=None, lr=float(fields["lr"]),
+                       seq_len=int(fields["seq_len"]), seed=int(fields["seed"]))
     except ValueError as exc:
         raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
+
+
+DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],
+                   "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"]}
 
 
 def _duration(seconds: float | None) -> str:
@@ -85,7 +96,9 @@ class HeadSurgeonApp(App[int]):
         self.runs_root, self.sessions_root = Path(runs_root), Path(sessions_root)
         self.loaded = None  # engine LoadedModel: the unmodified base, only handed to engine calls
         self.report: HeadReport | None = None  # diagnosis of the base model
-        self.session: Session | None = None  # the session shown (loaded, or the last run's)
+        self.session: Session | None = None  # the session shown (loaded, or the attached run's)
+        self.origin: Session | None = None  # the session loaded (L) or saved (s): new work derives from it
+        self.base_inputs: JobInputs | None = None  # a loaded session's job: `o` keeps what the dialog hides
         self.owned: set[Path] = set()  # session files this workbench wrote itself (`s` may update them)
         self.attached: Launch | None = None  # the attached run
         self.history = RunHistory()
@@ -95,13 +108,14 @@ class HeadSurgeonApp(App[int]):
         self._reader: LogReader | None = None
         self._timer = None
         self._pending_attach: Launch | None = None
+        self._thresholds = Thresholds()  # the attached run's class boundaries
         if attach is not None:
             self._pending_attach = open_run(attach)
             if self.model_ref is None:
                 spec = RunSpec.load(self._pending_attach.run_dir)
                 self.model_ref = spec.model.get("ref")
                 self.device, self.dtype = self.device or spec.model.get("device"), self.dtype or spec.model.get("dtype")
-        self.surgery_defaults = {"corpus": DEFAULT_CORPUS, "steps": DEFAULT_STEPS, "lr": 5e-5, "seq_len": 512, "seed": 0}
+        self.surgery_defaults = dict(DIALOG_DEFAULTS)
 
     # --- layout ---------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -129,7 +143,7 @@ class HeadSurgeonApp(App[int]):
 
     @property
     def losses(self) -> list[float]:
-        return [v for _, v in self.history.losses if v is not None]
+        return self.history.loss_values
 
     @property
     def ppls(self) -> list[float]:
@@ -174,8 +188,7 @@ class HeadSurgeonApp(App[int]):
         worker = get_current_worker()
         try:
             prompts = load_prompts(self.prompts_path)
-            settings = JobInputs(targets="").diagnosis_settings()
-            settings.prompts = self.prompts_path  # the settings a surgery from here is judged by
+            settings = JobInputs(targets="", prompts=self.prompts_path).diagnosis_settings()  # what a surgery uses
             report = diagnose(loaded, prompts, settings, sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
         except HeadSurgeonError as exc:
             self.post_message(WorkFailed("diagnosis", str(exc)))
@@ -204,9 +217,12 @@ class HeadSurgeonApp(App[int]):
         self.log_line(f"loaded {loaded.ref} ({a.n_layer} layers x {a.n_head} heads)")
         if self._pending_attach is not None:
             launch, self._pending_attach = self._pending_attach, None
-            self._show_session(launch.session)
-            self.attach(launch)
-            return
+            try:
+                self._show_session(launch.session)
+                self.attach(launch)
+                return
+            except HeadSurgeonError as exc:
+                self._error("attach", str(exc))
         self.refresh_panes()
         self.action_diagnose()
         self._offer_live_runs()
@@ -256,32 +272,33 @@ class HeadSurgeonApp(App[int]):
             self.query_one(ProgressBar).update(total=event.total_prompts, progress=event.done_prompts)
 
     # --- runs: start, attach, follow ---------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def _spawn_worker(self, launch: Launch, resume: bool) -> None:
-        try:
-            start(launch, detach=True, resume=resume)
-        except HeadSurgeonError as exc:
-            self.post_message(WorkFailed("surgery", str(exc)))
-            return
-        self.post_message(RunLaunched(launch))
-
     @work(thread=True, exclusive=True, group="surgery", exit_on_error=False)
-    def _run_worker(self, launch: Launch, resume: bool) -> None:
+    def _run_worker(self, job, marks: dict[str, str] | None, launch: Launch | None) -> None:
+        """Set up the run (off the UI thread: the base's content hash can take a while on a large model)
+        unless `launch` resumes one, then start it detached, or here when the workbench does not detach."""
         worker = get_current_worker()
+        resume = launch is not None
         try:
-            start(launch, detach=False, resume=resume, cancelled=lambda: worker.is_cancelled)
+            if launch is None:
+                launch = create_run(self.loaded, job, baseline=self.report, derived_from=self.origin, marks=marks,
+                                    device=self.device, dtype=self.dtype, root=self.runs_root)
+            self.post_message(RunCreated(launch, resume))
+            if self.detach:
+                start(launch, detach=True, resume=resume)
+                self.post_message(RunLaunched(launch))
+            else:
+                start(launch, detach=False, resume=resume, cancelled=lambda: worker.is_cancelled)
         except HeadSurgeonError as exc:
             self.post_message(WorkFailed("surgery", str(exc)))
 
-    def _start_run(self, launch: Launch, resume: bool = False) -> None:
-        # The worker first: until its runner holds the run's lock, the worker is what says the run is alive.
-        if self.detach:
-            self._spawn_worker(launch, resume)
-        else:
-            self._run_worker(launch, resume)
-        self.attach(launch, fresh=not resume)
+    def _start_run(self, job=None, marks: dict[str, str] | None = None, launch: Launch | None = None) -> None:
         self.set_status("surgery starting…")
         self.query_one(ProgressBar).update(total=None, progress=0)
+        self._run_worker(job, marks, launch)
+
+    @on(RunCreated)
+    def _run_created(self, message: RunCreated) -> None:
+        self.attach(message.launch, fresh=not message.resume)
 
     @on(RunLaunched)
     def _run_launched(self, message: RunLaunched) -> None:
@@ -289,8 +306,12 @@ class HeadSurgeonApp(App[int]):
 
     def attach(self, launch: Launch, fresh: bool = False) -> None:
         """Show a run: rebuild its history from the log, then follow the log while the run is live."""
+        spec = RunSpec.load(launch.run_dir)
+        if self.loaded is not None:
+            check_identity(spec.identity, self.loaded, f"run {launch.run_dir}")
         if self._timer is not None:
             self._timer.stop()
+        self._thresholds = Thresholds(**(spec.job.get("diagnosis") or {}).get("thresholds", {}))
         self.attached, self.session = launch, launch.session
         self.history, self.after, self.point, self.run_state = RunHistory(), None, None, ""
         self._reader = LogReader(launch.run_dir / LOG_FILE)
@@ -306,11 +327,18 @@ class HeadSurgeonApp(App[int]):
         records = self._reader.read_new(final=not live)
         for record in records:
             try:
-                self.history.apply(event_from_dict(record))
+                event = event_from_dict(record)
             except (TypeError, ValueError):
                 continue  # a record from another version: skip it, keep the rest
-        in_process = any(w.is_running for w in self.workers if w.group in ("surgery", "launch"))
-        state = "running" if live or in_process else run_state(self.attached.run_dir).state
+            self.history.apply(event)
+            self._log_event(event)
+        if self.report is None and self.history.points and self.history.points[0].label == "before":
+            self.report = point_report(self.history.points[0], self._blank_report())  # attached with no diagnosis
+        starting = any(w.is_running for w in self.workers if w.group == "surgery")  # its runner not yet up
+        try:
+            state = "running" if live or starting else run_state(self.attached.run_dir).state
+        except HeadSurgeonError as exc:
+            state, self.history.message = "damaged", str(exc)
         if records or state != self.run_state:
             self.run_state = state
             self._redraw_run()
@@ -323,7 +351,7 @@ class HeadSurgeonApp(App[int]):
         if h.total_steps:
             bar.update(total=h.total_steps, progress=h.step)
         if self.run_state == "running":
-            last = f"loss {h.losses[-1][1]:.4f}  " if h.losses and h.losses[-1][1] is not None else ""
+            last = f"loss {h.losses[-1][2]:.4f}  " if h.losses and h.losses[-1][2] is not None else ""
             self.set_status(f"step {h.step}/{h.total_steps}  {last}{h.tokens_per_s:,.0f} tok/s  ETA {_duration(h.eta_s())}"
                             if h.total_steps else f"{h.phase}: {h.detail}")
         elif self.run_state == "finished":
@@ -337,10 +365,41 @@ class HeadSurgeonApp(App[int]):
             self.set_status(f"run dead at step {h.step} (its runner is gone): R resumes it")
             self.notify(f"the runner of {self.attached.run_dir.name} is gone: R resumes from the last saved state",
                         title="run dead", severity="warning", timeout=10)
+        elif self.run_state == "damaged":
+            self.set_status("run directory damaged")
+            self.notify(h.message, title="run damaged", severity="error", timeout=10)
         if self.point is None:
             self._show(self._latest_report())
         self._update_curves()
         self.refresh_panes()
+
+    def _log_event(self, event) -> None:
+        """The log pane, rebuilt from the event log like everything else."""
+        line = None
+        if isinstance(event, PhaseChanged):
+            line = f"{event.phase}: {event.detail}"
+        elif isinstance(event, EvalMetrics):
+            ppl = f"{event.heldout_ppl:.3f}" if event.heldout_ppl is not None else "?"
+            line = f"eval {event.label or ''} step {event.step}: held-out ppl {ppl}"
+        elif isinstance(event, Checkpoint) and event.best:
+            line = f"best checkpoint at step {event.step}"
+        elif isinstance(event, Resumed):
+            line = f"{event.pass_name} resumed from step {event.step}"
+        elif isinstance(event, RunStarted):
+            line = f"runner {event.pid} {'resumed' if event.resume else 'started'}"
+        elif isinstance(event, RunFinished):
+            line = f"run {'cancelled' if event.cancelled else 'finished'} at step {event.step}"
+        elif isinstance(event, RunFailed):
+            line = f"run failed at step {event.step}: {event.message}"
+        if line:
+            self.log_line(line)
+
+    def _blank_report(self) -> HeadReport:
+        """The loaded model's shape and slopes with no statistics (grids come from a run's points)."""
+        a = self.loaded.adapter
+        zeros = np.zeros((a.n_layer, a.n_head))
+        return HeadReport(model=self.loaded.ref, n_layer=a.n_layer, n_head=a.n_head, slopes=a.slopes, bos_mass=zeros,
+                          entropy=zeros, local_mass=zeros, contribution=zeros, thresholds=self._thresholds)
 
     def _finished(self) -> None:
         import json
@@ -511,24 +570,20 @@ class HeadSurgeonApp(App[int]):
             return
         data = self.grid.data
         try:
-            inputs = dialog_job_inputs(fields, data.targets, data.frozen, self.prompts_path)
+            inputs = dialog_job_inputs(fields, data.targets, data.frozen, self.prompts_path, self.base_inputs)
             inputs.check()
             job = inputs.build_job(self.loaded.adapter, self.report.sick())
-            derived = self.session if self.session is not None and self.session.path is not None else None
-            launch = create_run(self.loaded, job, baseline=self.report, derived_from=derived,
-                                marks={"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)},
-                                device=self.device, dtype=self.dtype, root=self.runs_root)
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="surgery", severity="error", timeout=10)
             return
         self.surgery_defaults = {**fields}
-        self._start_run(launch)
+        self._start_run(job, {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)})
 
     def action_resume_run(self) -> None:
         if self.attached is None or self.run_state not in ("dead", "cancelled"):
             self.notify("no dead or cancelled run to resume here", severity="warning")
             return
-        self._start_run(self.attached, resume=True)
+        self._start_run(launch=self.attached)
 
     def _snapshot(self) -> Session:
         """The current work as a new session (model, diagnosis settings and report, marks, the run shown)."""
@@ -537,9 +592,7 @@ class HeadSurgeonApp(App[int]):
         session.model = model_identity(self.loaded)
         session.report = self.report.to_json() if self.report is not None else None
         session.marks = {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)}
-        settings = JobInputs(targets="").diagnosis_settings()
-        settings.prompts = self.prompts_path
-        session.diagnosis = settings.to_dict()
+        session.diagnosis = JobInputs(targets="", prompts=self.prompts_path).diagnosis_settings().to_dict()
         if self.attached is not None:
             session.set_run_dir(self.attached.run_dir)
             session.status = self.run_state or session.status
@@ -551,7 +604,8 @@ class HeadSurgeonApp(App[int]):
             return
         try:
             mine = self.session is not None and self.session.path is not None and self.session.path in self.owned
-            path = self.session.path if mine else new_session_path(self.loaded.name, self.sessions_root)
+            path = self.session.path if mine else new_session_path(run_name(model_identity(self.loaded)),
+                                                                   self.sessions_root)
             session = self._snapshot()
             if mine:
                 session.derived_from = self.session.derived_from
@@ -560,7 +614,7 @@ class HeadSurgeonApp(App[int]):
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="save session", severity="error", timeout=10)
             return
-        self.session = session
+        self.session = self.origin = session
         self.owned.add(session.path)
         self.notify(f"session saved to {session.path}", title="saved")
         self.log_line(f"session saved to {session.path}")
@@ -580,16 +634,18 @@ class HeadSurgeonApp(App[int]):
         try:
             session = Session.load(path)
             check_identity(session.model, self.loaded, f"session {path}")
+            self._show_session(session)
+            run = session.run_path()
+            if run is not None and (run / LOG_FILE).is_file():
+                self.attach(Launch(run, session))
+            else:
+                self._show_legacy(session)
+            status = session_state(session)
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="load session", severity="error", timeout=10)
             return
-        self._show_session(session)
-        run = session.run_path()
-        if run is not None and (run / LOG_FILE).is_file():
-            self.attach(Launch(run, session))
-        else:
-            self._show_legacy(session)
-        self.log_line(f"loaded session {path} ({len(session.actions)} actions); it is read-only: s saves a new one")
+        self.origin = session
+        self.log_line(f"loaded session {path} ({status}, {len(session.actions)} actions); read-only: s saves a new one")
 
     def _show_session(self, session: Session) -> None:
         """Report, marks and surgery defaults of a session (the run, if any, is attached separately)."""
@@ -602,11 +658,11 @@ class HeadSurgeonApp(App[int]):
         sick = report.sick() if report is not None else None
         marks = {k: parse_heads(v, data.n_layer, data.n_head, sick) if v else [] for k, v in session.marks.items()}
         self.grid.set_marks(targets=set(marks.get("targets", [])), frozen=set(marks.get("frozen", [])))
-        if session.job:  # `o` re-runs the recorded job's settings on the current marks
-            train, corpus = session.job.get("train", {}), session.job.get("corpus", {})
-            self.surgery_defaults = {"corpus": corpus.get("source", ""), "steps": train.get("steps") or DEFAULT_STEPS,
-                                     "lr": train.get("lr", 5e-5), "seq_len": train.get("seq_len", 512),
-                                     "seed": train.get("seed", 0)}
+        if session.job:  # `o` re-runs the recorded job (every setting) on the current marks
+            self.base_inputs = JobInputs.from_job(session.job)
+            b = self.base_inputs
+            self.surgery_defaults = {"corpus": b.corpus, "steps": b.train_config().steps or DEFAULT_STEPS, "lr": b.lr,
+                                     "seq_len": b.seq_len, "seed": b.seed}
         self.refresh_panes()
 
     def _show_legacy(self, session: Session) -> None:
@@ -622,7 +678,7 @@ class HeadSurgeonApp(App[int]):
             self._show(point_report(self.history.points[-1], self.report))
         self._update_curves()
         self.refresh_panes()
-        self.set_status(f"session {session.path}: {session.status}, {len(self.history.points)} evaluation points")
+        self.set_status(f"session {session.path.name}: {session.status}, {len(self.history.points)} evaluation points")
 
     def action_scrub(self, delta: int) -> None:
         """Step through the evaluation points (grid, detail and summary together); the first is the model
@@ -637,7 +693,8 @@ class HeadSurgeonApp(App[int]):
         self._show(self.shown_report())
         self.refresh_panes()
         what = "before the operation" if point.label == "before" else f"{point.label} step {point.step}"
-        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: {what} · ppl {point.heldout_ppl:.2f}")
+        ppl = f"{point.heldout_ppl:.2f}" if point.heldout_ppl is not None else "?"
+        self.set_status(f"evaluation point {self.point + 1}/{len(points)}: {what} · ppl {ppl}")
 
     def action_open_model(self) -> None:
         current = self.loaded.ref if self.loaded is not None else ""

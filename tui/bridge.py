@@ -48,6 +48,14 @@ class MessageSink:
         self.target.post_message(EngineEvent(event))
 
 
+class RunCreated(Message):
+    """A run directory was set up (or is being resumed): the workbench attaches to it."""
+
+    def __init__(self, launch, resume: bool) -> None:
+        super().__init__()
+        self.launch, self.resume = launch, resume
+
+
 class RunLaunched(Message):
     """A detached runner holds its run (the engine's workflow.Launch, with its pid)."""
 
