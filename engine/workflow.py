@@ -192,9 +192,11 @@ def new_run_dir(name: str, out: str | Path | None = None, *, root: str | Path = 
         return out
     root = Path(root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    check_output_dir(root / f"{name}-{stamp}", what="run directory")
     for n in range(1, 1000):
         path = root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        if path.exists():
+            continue
+        check_output_dir(path, what="run directory")  # writable: one line if not
         try:
             _mkdir(path, parents=True)
             return path

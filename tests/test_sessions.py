@@ -77,7 +77,7 @@ def test_bad_sessions_are_refused_in_one_line_and_left_untouched(tmp_path, damag
     path.write_text(damage(EXAMPLE.read_text()))
     before = (path.read_bytes(), path.stat().st_mtime_ns)
     for command in commands:
-        argv = [command, str(path), "--device", "cpu"] + (["--out", str(tmp_path / "out")] if command == "replay" else [])
+        argv = [command, str(path)] + (["--device", "cpu", "--out", str(tmp_path / "out")] if command == "replay" else [])
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
