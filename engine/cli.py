@@ -290,8 +290,9 @@ def cmd_apply(args) -> int:
     from .patch import apply_head_tensors, export_model, load_patch
     from .spec import format_heads
 
-    if Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
-        raise InputError(f"--out {args.out} already exists and is not empty: choose a new directory")
+    from .preflight import check_output_dir
+
+    check_output_dir(args.out, what="--out")  # as operate: a new directory, refused before any work
     tensors, meta = load_patch(args.patch)
     loaded = load_from_args(args)
     if not args.force:

@@ -103,6 +103,8 @@ def test_cli_apply_exports_a_loadable_model_and_refuses_other_weights(planted_di
     bad = apply(tiny_dir, patch, tmp_path / "exp2")
     assert bad.returncode == 2 and "content hash differs" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "exp2").exists()
+    again = apply(planted_dir, patch, tmp_path / "exp")  # an existing --out, as operate: refused before loading
+    assert again.returncode == 2 and "already exists" in again.stderr
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(patch.read_bytes()[:100])
     bad = apply(planted_dir, corrupt, tmp_path / "exp3")
