@@ -80,6 +80,25 @@ def read_records(path: str | Path, *, warn: bool = True) -> list[dict[str, Any]]
     return records
 
 
+def records_from_the_end(path: str | Path, chunk: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The log's complete records, newest first, reading only as far back as the caller iterates (a
+    state or a summary usually needs the last few lines of a log that may hold gigabytes of grids)."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - chunk)
+            fh.seek(start)
+            data = fh.read(end - start) + tail
+            end = start
+            lines = data.split(b"\n")
+            tail = lines.pop(0) if start > 0 else b""  # maybe cut: joined with the chunk before it
+            for line in reversed(lines):
+                record = _parse(line) if line.strip() else None
+                if record is not None:
+                    yield record
+
+
 def read_events(path: str | Path) -> list[Event]:
     """The log as typed events (`engine.events` dataclasses), in order."""
     return [event_from_dict(r) for r in read_records(path)]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .atomic import atomic_write_text
 from .errors import HeadSurgeonError, InputError
-from .eventlog import LOG_FILE, EventLog, read_records
+from .eventlog import LOG_FILE, EventLog, records_from_the_end
 
 RUN_FILE = "run.json"
 LOCK_FILE = "runner.lock"
@@ -145,21 +145,25 @@ def run_state(run_dir: str | Path) -> RunStatus:
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
     live = is_live(run_dir)
-    records = read_records(run_dir / LOG_FILE, warn=False) if (run_dir / LOG_FILE).is_file() else []
-    step = total = 0
-    ppl, message, terminal = None, "", None
-    for r in records:
+    step = total = ppl = terminal = None
+    decided, message = False, ""
+    log = run_dir / LOG_FILE
+    for r in records_from_the_end(log) if log.is_file() else ():  # newest first, only as far as needed
         kind = r.get("kind")
+        if not decided and kind in ("finished", "failed", "started"):  # the last of these decides the outcome
+            decided = True
+            if kind != "started":
+                terminal, message = r, r.get("message", "")
         if kind == "step":
-            step, total = r["step"], r["total_steps"]
-        elif kind == "resumed":
+            step = r["step"] if step is None else step
+            total = r["total_steps"] if total is None else total
+        elif kind == "resumed" and step is None:
             step = r["step"]
-        elif kind == "eval" and r.get("heldout_ppl") is not None:
+        elif kind == "eval" and ppl is None and r.get("heldout_ppl") is not None:
             ppl = r["heldout_ppl"]
-        if kind in ("finished", "failed"):
-            terminal, message = r, r.get("message", "")
-        elif kind == "started":
-            terminal = None
+        if decided and None not in (step, total, ppl):
+            break
+    step, total = step or 0, total or 0
     if live:
         state = "running"
     elif terminal is None:

@@ -356,3 +356,15 @@ def test_run_history_after_resuming_the_second_pass_keeps_the_first_and_one_befo
         [("pass-2", s) for s in (1, 2, 3, 4)]
     assert history.recoveries[("pass-1", 4)].woken == 1
     assert history.segment_start == 2 and history.eta_s() == 0.0  # this segment ran steps 3-4 of 4
+
+
+def test_reading_a_log_from_its_end_gives_every_record_newest_first(tmp_path):
+    from engine.eventlog import records_from_the_end
+
+    with EventLog(tmp_path) as log:
+        for i in range(300):
+            log.emit(PhaseChanged("p", "x" * (i % 97)))  # lines of many lengths across small chunks
+    with open(tmp_path / LOG_FILE, "a") as fh:
+        fh.write('{"seq": 300, "kind": "ph')  # a line still being written is not a record
+    got = [r["seq"] for r in records_from_the_end(tmp_path / LOG_FILE, chunk=64)]
+    assert got == list(range(299, -1, -1))
