@@ -25,6 +25,12 @@ def add_diagnosis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dead", type=float, default=JOB_DEFAULTS["dead"], help="BOS mass above this is dead")
     p.add_argument("--low-entropy", type=float, default=JOB_DEFAULTS["low_entropy"],
                    help="entropy (nats) below this is low-entropy")
+    p.add_argument("--positional-local", type=float, default=JOB_DEFAULTS["positional_local"],
+                   help="a low-entropy head with at least this local mass is positional (not collapsed)")
+    p.add_argument("--sink-rate-epsilon", type=float, default=JOB_DEFAULTS["sink_rate_epsilon"],
+                   help="first-token mass above this counts toward the sink rate (Gu et al. 2024)")
+    p.add_argument("--band-share", type=float, default=JOB_DEFAULTS["band_share"],
+                   help="a head index is in the band when sick in more than this share of layers (the paper's 0.3)")
 
 
 def diagnosis_settings(args):
@@ -171,7 +177,7 @@ def cmd_operate(args) -> int:
     if inputs.needs_diagnosis() or not args.detach:
         with console.status(f"diagnosing {loaded.name} before surgery…"):
             baseline = diagnose(loaded, load_prompts(inputs.prompts), inputs.diagnosis_settings())
-    job = inputs.build_job(loaded.adapter, baseline.sick() if baseline else None)
+    job = inputs.build_job(loaded.adapter, baseline)
     launch = create_run(loaded, job, out=args.out, session_path=args.session, overwrite=args.overwrite,
                         baseline=baseline, device=args.device, dtype=args.dtype)
     if args.detach:
@@ -214,10 +220,9 @@ def cmd_replay(args) -> int:
     _check_outputs(args)
     with console.status("loading model…"):
         loaded = _session_model(original, args)
-    job = replay_job(original, loaded.adapter)
-    baseline = None
-    if not args.detach:
-        with console.status("diagnosing before surgery…"):
+    with console.status("diagnosing before surgery…"):
+        job, baseline = replay_job(original, loaded)
+        if baseline is None and not args.detach:
             baseline = diagnose(loaded, load_prompts(job.diagnosis.prompts), job.diagnosis)
     launch = create_run(loaded, job, out=args.out, overwrite=args.overwrite, baseline=baseline, derived_from=original,
                         action="replay", device=args.device, dtype=args.dtype)
@@ -335,7 +340,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="diagnostic prompts for the workbench (.jsonl or .txt)")
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("diagnose", help="measure every head and classify it (healthy / BOS-sink / dead / low-entropy)")
+    p = sub.add_parser("diagnose", help="measure every head and classify it (healthy / BOS-sink / dead / low-entropy "
+                       "/ positional)")
     add_model_args(p)
     add_diagnosis_args(p)
     p.add_argument("--json", help="write the report as JSON to this new file")
@@ -345,7 +351,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p = sub.add_parser("operate", help="re-initialise target heads and retrain only them; writes a patch and report")
     add_model_args(p)
     add_diagnosis_args(p)
-    p.add_argument("--targets", required=True, help="head spec, e.g. 3.9-15,5-22.9-15,23.12 or sick")
+    p.add_argument("--targets", required=True,
+                   help="head spec, e.g. 3.9-15,5-22.9-15,23.12, sick (BOS-sink or dead), 5-22.*&bos>0.3")
     p.add_argument("--frozen", help="heads kept frozen for the record (never trained), same spec language")
     p.add_argument("--pass2-targets", help="second pass, started from the first pass's best checkpoint")
     p.add_argument("--pass2-frozen")

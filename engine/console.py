@@ -6,9 +6,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .report import BOS_SINK, CLASSES, DEAD, HEALTHY, LOW_ENTROPY, HeadReport
+from .report import BOS_SINK, CLASSES, DEAD, HEALTHY, LOW_ENTROPY, POSITIONAL, HeadReport
 
-CLASS_STYLE = {HEALTHY: "green", BOS_SINK: "yellow", DEAD: "bold red", LOW_ENTROPY: "magenta"}
+CLASS_STYLE = {HEALTHY: "green", BOS_SINK: "yellow", DEAD: "bold red", LOW_ENTROPY: "magenta", POSITIONAL: "cyan"}
 GRID_MAX_HEADS = 32
 
 
@@ -59,8 +59,15 @@ def summary(report: HeadReport) -> Text:
                 f"{report.n_tokens} query tokens\n")
     for name in CLASSES:
         text.append(f"{name}: {counts[name]} ({100 * counts[name] / total:.1f}%)  ", style=CLASS_STYLE[name])
+    paper = report.paper_counts()
+    text.append("\nthe paper's four classes: " + ", ".join(f"{k} {v}" for k, v in paper.items()), style="dim")
+    _, rate = report.sink_rate()
+    band = report.band()
     t = report.thresholds
-    text.append(f"\nthresholds: sink > {t.sink}, dead > {t.dead}, low-entropy < {t.low_entropy} nats", style="dim")
+    text.append(f"\nsink rate (Gu et al., first-token mass > {t.sink_rate_epsilon}): {100 * rate:.1f}%; band (sick in "
+                f"> {100 * t.band_share:.0f}% of layers): {'H' + ',H'.join(map(str, band)) if band else 'none'}")
+    text.append(f"\nthresholds: sink > {t.sink}, dead > {t.dead}, low-entropy < {t.low_entropy} nats, positional "
+                f"when local mass >= {t.positional_local}", style="dim")
     return text
 
 

@@ -71,14 +71,15 @@ class SurgeryJob:
                 "evaluation": ev, "heldout_frac": self.heldout_frac, "diagnosis": self.diagnosis.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], adapter, sick=None) -> "SurgeryJob":
-        """Rebuild a recorded job; `sick` resolves the word `sick` in its plans (a fresh diagnosis)."""
+    def from_dict(cls, data: dict[str, Any], adapter, sick=None, report=None) -> "SurgeryJob":
+        """Rebuild a recorded job; `report` (a fresh diagnosis with the job's settings) resolves class words
+        and predicates its plans kept as words (hand-written example sessions do)."""
         try:
             ev = dict(data.get("evaluation", {}))
             ev["thresholds"] = Thresholds(**ev.get("thresholds", {}))
             diag = data.get("diagnosis")
             return cls(
-                plans=[SurgeryPlan.from_dict(p, adapter, sick) for p in data["plans"]],
+                plans=[SurgeryPlan.from_dict(p, adapter, sick, report) for p in data["plans"]],
                 corpus=CorpusSpec(**data["corpus"]),
                 train=TrainConfig(**data.get("train", {})),
                 evaluation=EvalSettings(**ev),

@@ -49,9 +49,11 @@ class SurgeryPlan:
 
     @classmethod
     def from_specs(cls, targets: str, frozen: str | None, adapter: BloomAdapter, *, sick: list[Head] | None = None,
+                   report=None,
                    init: str = "xavier_uniform", seed: int = 0) -> "SurgeryPlan":
-        """A plan from head-spec strings (`3.9-15,5-22.9-15`, `sick`, ...)."""
-        parse = lambda s: parse_heads(s, adapter.n_layer, adapter.n_head, sick)  # noqa: E731
+        """A plan from head-spec strings (`3.9-15,5-22.9-15`, `sick`, `5-22.*&bos>0.3`, ...); `report` (a
+        diagnosis of this model) resolves class words and predicates."""
+        parse = lambda s: parse_heads(s, adapter.n_layer, adapter.n_head, sick, report=report)  # noqa: E731
         return cls(parse(targets), parse(frozen) if frozen else [], init, seed)
 
     def check_fits(self, adapter: BloomAdapter) -> None:
@@ -71,9 +73,10 @@ class SurgeryPlan:
                 "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], adapter: BloomAdapter, sick: list[Head] | None = None) -> "SurgeryPlan":
+    def from_dict(cls, data: dict[str, Any], adapter: BloomAdapter, sick: list[Head] | None = None,
+                  report=None) -> "SurgeryPlan":
         try:
-            return cls.from_specs(data["targets"], data.get("frozen") or None, adapter, sick=sick,
+            return cls.from_specs(data["targets"], data.get("frozen") or None, adapter, sick=sick, report=report,
                                   init=data.get("init", "xavier_uniform"), seed=int(data.get("seed", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed surgery plan {data!r}: {exc}") from exc

@@ -27,7 +27,6 @@ RUNS_DIR = Path("runs")
 SESSIONS_DIR = Path("sessions")
 DEFAULT_CORPUS = "python-stdlib/json"
 DEFAULT_STEPS = 100
-SPEC_WORDS = ("sick", "healthy")
 
 
 @dataclass
@@ -61,6 +60,9 @@ class JobInputs:
     sink: float = 0.50
     dead: float = 0.95
     low_entropy: float = 0.5
+    positional_local: float = 0.5
+    sink_rate_epsilon: float = 0.3
+    band_share: float = 0.3
     completions: int = 3
 
     @classmethod
@@ -93,6 +95,8 @@ class JobInputs:
             seed=plans[0].get("seed", train.get("seed", 0)), prompts=diag.get("prompts"),
             batch_size=diag.get("batch_size", 8), max_len=diag.get("max_len", 512),
             sink=th.get("sink", 0.5), dead=th.get("dead", 0.95), low_entropy=th.get("low_entropy", 0.5),
+            positional_local=th.get("positional_local", 0.5), sink_rate_epsilon=th.get("sink_rate_epsilon", 0.3),
+            band_share=th.get("band_share", 0.3),
             completions=ev.get("completion_prompts", 3))
         return cls(**{**values, **overrides})
 
@@ -102,7 +106,10 @@ class JobInputs:
         from .report import Thresholds
 
         return DiagnosisSettings(batch_size=self.batch_size, max_len=self.max_len, prompts=_absolute(self.prompts),
-                                 thresholds=Thresholds(sink=self.sink, dead=self.dead, low_entropy=self.low_entropy))
+                                 thresholds=Thresholds(sink=self.sink, dead=self.dead, low_entropy=self.low_entropy,
+                                                       positional_local=self.positional_local,
+                                                       sink_rate_epsilon=self.sink_rate_epsilon,
+                                                       band_share=self.band_share))
 
     def train_config(self):
         from .train import TrainConfig
@@ -129,31 +136,33 @@ class JobInputs:
         return out
 
     def needs_diagnosis(self) -> bool:
-        """True when a spec names heads by their class (`sick`, `healthy`), which a diagnosis resolves."""
-        words = {w.strip().lstrip("!") for spec, frozen in self.specs() for w in f"{spec},{frozen or ''}".split(",")}
-        return bool(words & set(SPEC_WORDS))
+        """True when a spec names heads by class or statistic (`sick`, `bos>0.3`), which a diagnosis resolves."""
+        from .spec import needs_report
+
+        return any(needs_report(s) for pair in self.specs() for s in pair)
 
     def check(self) -> None:
         """Every check that needs no model: specs' syntax, numbers, corpus readable, prompts readable."""
         from .corpus import check_corpus
         from .prompts import load_prompts
-        from .spec import parse_heads
+        from .spec import check_syntax
 
         for spec, frozen in self.specs():
             for s in filter(None, (spec, frozen)):
-                parse_heads(s, 1 << 20, 1 << 20, sick=[(0, 0)])  # syntax only: bounds need the model
+                check_syntax(s)  # bounds need the model, words and predicates a diagnosis
         self.train_config()
         self.diagnosis_settings()
         check_corpus(self.corpus_spec())
         load_prompts(self.prompts)
 
-    def build_job(self, adapter, sick: list[tuple[int, int]] | None = None):
-        """The job for a loaded model; `sick` (a diagnosis with these inputs' settings) resolves class words."""
+    def build_job(self, adapter, report=None):
+        """The job for a loaded model; `report` (its diagnosis with these inputs' settings) resolves class
+        words and predicates."""
         from .evaluate import EvalSettings
         from .operation import SurgeryJob
         from .surgery import SurgeryPlan
 
-        plans = [SurgeryPlan.from_specs(t, f, adapter, sick=sick, init=self.init, seed=self.seed + i)
+        plans = [SurgeryPlan.from_specs(t, f, adapter, report=report, init=self.init, seed=self.seed + i)
                  for i, (t, f) in enumerate(self.specs())]
         diagnosis = self.diagnosis_settings()
         evaluation = EvalSettings(thresholds=diagnosis.thresholds, completion_prompts=self.completions)
@@ -319,17 +328,25 @@ def open_run(target: str | Path) -> Launch:
     return Launch(run, session)
 
 
-def replay_job(original: Session, adapter) -> Any:
-    """The recorded job of `original`, with the diagnosis settings it was judged by (old sessions kept them
-    beside the job)."""
+def replay_job(original: Session, loaded) -> tuple[Any, Any]:
+    """The recorded job of `original` with the diagnosis settings it was judged by (old sessions kept them
+    beside the job), and the diagnosis before: measured here when the plans name heads by class or
+    statistic (hand-written sessions keep words such as `5-22.9-15&sick`), else None."""
+    from .diagnosis import DiagnosisSettings, diagnose
     from .operation import SurgeryJob
+    from .prompts import load_prompts
+    from .spec import needs_report
 
     if not original.job:
         raise InputError(f"session {original.path} has no surgery to replay: it only holds a diagnosis")
     job = dict(original.job)
     if "diagnosis" not in job and original.diagnosis:
         job["diagnosis"] = original.diagnosis
-    return SurgeryJob.from_dict(job, adapter)
+    report = None
+    if any(needs_report(p.get(k)) for p in job.get("plans", []) for k in ("targets", "frozen")):
+        settings = DiagnosisSettings.from_dict(job.get("diagnosis") or {})
+        report = diagnose(loaded, load_prompts(settings.prompts), settings)
+    return SurgeryJob.from_dict(job, loaded.adapter, report=report), report
 
 
 def new_session_path(name: str, root: str | Path = SESSIONS_DIR) -> Path:

@@ -83,3 +83,27 @@ def test_bad_sessions_are_refused_in_one_line_and_left_untouched(tmp_path, damag
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["bloom-1b7-two-pass", "bloom-1b7-h5-extension"])
+def test_the_shipped_bloom_1b7_plans_resolve_against_a_diagnosis_of_that_shape(name):
+    """The paper's plans are kept as words (`5-22.9-15&sick`): they resolve against a diagnosis of a
+    24 x 16 model, target only its sick heads inside the band and freeze the rest of the band."""
+    from transformers import BloomConfig
+
+    from engine.arch import adapter_for
+    from engine.operation import SurgeryJob
+    from engine.report import HeadReport
+
+    session = Session.load(EXAMPLE.parent / f"{name}.json")
+    adapter = adapter_for(BloomConfig(n_layer=24, n_head=16, hidden_size=64))
+    bos = np.zeros((24, 16))
+    bos[5:23, 12:16] = 0.97  # dead heads inside both bands' layers
+    bos[10, 5] = 0.7
+    flat = np.full((24, 16), 2.0)
+    report = HeadReport("bloom-1b7", 24, 16, adapter.slopes, bos, flat, np.full((24, 16), 0.1), np.full((24, 16), 0.2))
+    job = SurgeryJob.from_dict(session.job, adapter, report=report)
+    first = job.plans[0]
+    assert first.targets and all(report.classes[l, h] in ("bos-sink", "dead") for l, h in first.targets)
+    assert all(5 <= l <= 22 for l, _ in first.targets + first.frozen)
+    assert not set(first.targets) & set(first.frozen)

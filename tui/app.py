@@ -255,7 +255,9 @@ class HeadSurgeonApp(App[int]):
         self.report, self.after, self.point = report, None, None
         self._set_grid(report)
         counts = report.counts()
-        self.set_status(f"diagnosed {report.n_prompts} prompts, {report.n_tokens} tokens")
+        band = report.band()
+        self.set_status(f"diagnosed {report.n_prompts} prompts · sink rate {100 * report.sink_rate()[1]:.0f}% · band "
+                        + (format_heads((0, h) for h in band).removeprefix("0.") if band else "none"))
         self.log_line("diagnosis: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         self.query_one(ProgressBar).update(total=1, progress=1)
         self.refresh_panes()
@@ -510,9 +512,6 @@ class HeadSurgeonApp(App[int]):
         drift = self.drift
         if drift is not None:
             text.append(f"drift {drift} untouched\n")
-        if self.attached is not None:
-            where = f"point {self.point + 1}/{len(self.history.points)}" if self.point is not None else self.run_state
-            text.append(f"run {where}\n", style="dim")
         return text
 
     # --- actions ----------------------------------------------------------------------------------------
@@ -535,16 +534,16 @@ class HeadSurgeonApp(App[int]):
 
     def action_mark_spec(self) -> None:
         data = self.grid.data
-        hint = f"e.g. 5-22.9-15 (layers 5-22, heads 9-15), 3.*, sick · {data.n_layer} layers x {data.n_head} heads"
+        hint = (f"e.g. 5-22.9-15 (layers 5-22, heads 9-15), 3.*, sick, positional, 2-4.*&bos>0.3, !dead · "
+                f"{data.n_layer} layers x {data.n_head} heads")
         self.push_screen(PromptScreen("Mark targets by head spec", "LAYER.HEAD items", hint=hint), self._apply_spec)
 
     def _apply_spec(self, spec: str | None) -> None:
         if not spec:
             return
         data = self.grid.data
-        sick = self.report.sick() if self.report is not None else None
         try:
-            heads = parse_heads(spec, data.n_layer, data.n_head, sick=sick)
+            heads = parse_heads(spec, data.n_layer, data.n_head, report=self.report)
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="head spec", severity="error")
             return
@@ -572,7 +571,7 @@ class HeadSurgeonApp(App[int]):
         try:
             inputs = dialog_job_inputs(fields, data.targets, data.frozen, self.prompts_path, self.base_inputs)
             inputs.check()
-            job = inputs.build_job(self.loaded.adapter, self.report.sick())
+            job = inputs.build_job(self.loaded.adapter, self.report)
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="surgery", severity="error", timeout=10)
             return
@@ -655,8 +654,8 @@ class HeadSurgeonApp(App[int]):
         if report is not None:
             self.report = report
             self._set_grid(report)
-        sick = report.sick() if report is not None else None
-        marks = {k: parse_heads(v, data.n_layer, data.n_head, sick) if v else [] for k, v in session.marks.items()}
+        marks = {k: parse_heads(v, data.n_layer, data.n_head, report=report) if v else []
+                 for k, v in session.marks.items()}
         self.grid.set_marks(targets=set(marks.get("targets", [])), frozen=set(marks.get("frozen", [])))
         if session.job:  # `o` re-runs the recorded job (every setting) on the current marks
             self.base_inputs = JobInputs.from_job(session.job)
@@ -753,7 +752,7 @@ class HeadSurgeonApp(App[int]):
         yield SystemCommand("Diagnose", "Run diagnosis on the current model", self.action_diagnose)
         yield SystemCommand("Open model", "Open a hub id or local directory", self.action_open_model)
         yield SystemCommand("Mark heads by spec", "Mark a band such as 5-22.9-15", self.action_mark_spec)
-        yield SystemCommand("Mark all sick heads", "Target every non-healthy head", self.action_mark_sick)
+        yield SystemCommand("Mark all sick heads", "Target every BOS-sink and dead head", self.action_mark_sick)
         yield SystemCommand("Clear marks", "Unmark every target and frozen head", self.action_clear_marks)
         yield SystemCommand("Surgery", "Re-initialise and retrain the marked heads", self.action_surgery)
         yield SystemCommand("Resume run", "Continue the attached dead or cancelled run", self.action_resume_run)

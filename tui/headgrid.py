@@ -13,7 +13,7 @@ from textual.reactive import var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-CLASS_NAMES = ("healthy", "bos-sink", "dead", "low-entropy")
+CLASS_NAMES = ("healthy", "bos-sink", "dead", "low-entropy", "positional")
 LABEL_W = 4  # "L69 "
 CELL_W = 3  # mark + BOS mass as a two-digit percentage
 
@@ -50,6 +50,7 @@ class HeadGrid(ScrollView, can_focus=True):
     HeadGrid > .headgrid--bos-sink { background: $warning-darken-1; color: $text; }
     HeadGrid > .headgrid--dead { background: $error-darken-1; color: $text; text-style: bold; }
     HeadGrid > .headgrid--low-entropy { background: $secondary-darken-1; color: $text; }
+    HeadGrid > .headgrid--positional { background: #6a3d9a; color: $text; }  /* purple in every theme */
     """
     BINDINGS = [
         Binding("up,k", "move(-1,0)", "up", show=False),
