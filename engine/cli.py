@@ -357,6 +357,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--pass2-targets", help="second pass, started from the first pass's best checkpoint")
     p.add_argument("--pass2-frozen")
     p.add_argument("--init", choices=("xavier_uniform", "xavier_normal"), default=JOB_DEFAULTS["init"])
+    p.add_argument("--control", choices=("sham",), help="also run a sham control arm: the same slices, corpus, block "
+                   "order, schedule and seed, trained from their current values (no re-init, no zeroing)")
     add_corpus_args(p)
     add_train_args(p)
     p.add_argument("--completions", type=int, default=JOB_DEFAULTS["completions"],

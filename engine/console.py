@@ -123,6 +123,8 @@ class ConsoleSink:
             )
         elif isinstance(event, ev.Checkpoint):
             self.progress.console.print(f"[dim]checkpoint step {event.step}{' (best)' if event.best else ''}: {event.path}[/]")
+        elif isinstance(event, ev.Notice):
+            self.progress.console.print(f"[bold yellow]{event.level}:[/] {event.message}")
         elif isinstance(event, ev.RunFailed):
             self.progress.console.print(f"[bold red]run failed[/] at step {event.step}: {event.message}")
 
@@ -132,19 +134,30 @@ def print_operation(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     rec = report["recovery"]
     table = Table(title=f"Recovery: woken {rec['woken']} / functional {rec['functional']} / targets {rec['targets']}")
-    for name in ("head", "BOS before", "BOS after", "contribution", "ablation Δloss", "woken", "functional"):
+    for name in ("head", "BOS before", "BOS after", "contribution", "Δloss before", "Δloss after", "woken",
+                 "functional"):
         table.add_column(name, justify="right")
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    delta = lambda v: "—" if v is None else f"{v:+.4f}"  # noqa: E731
+    yes = lambda v: Text("yes", style="green") if v else Text("no", style="red")  # noqa: E731
     for name, e in rec["per_head"].items():
+        functional = yes(e["functional"])
+        if e.get("lost_function"):
+            functional = Text("lost", style="bold red")
         table.add_row(name, fmt(e.get("bos_mass_before")), fmt(e["bos_mass"]), fmt(e["contribution"]),
-                      "—" if e["ablation_delta"] is None else f"{e['ablation_delta']:+.4f}",
-                      Text("yes", style="green") if e["woken"] else Text("no", style="red"),
-                      Text("yes", style="green") if e["functional"] else Text("no", style="red"))
+                      delta(e.get("ablation_delta_before")), delta(e["ablation_delta"]), yes(e["woken"]), functional)
     ppl, d = report["ppl"], report["drift"]
     text = Text()
+    if "rule" in rec:
+        text.append(f"functional: {rec['rule']} (threshold {rec['threshold']:+.4f} nats); worked before: "
+                    f"{rec['functional_before']}; lost function: {', '.join(rec['lost_function']) or 'none'}\n")
     text.append(f"held-out ppl {ppl['heldout_before']:.3f} -> {ppl['heldout_after']:.3f}; "
                 f"prompt ppl {ppl['prompts_before']:.3f} -> {ppl['prompts_after']:.3f}\n")
     text.append(f"drift (|Δ BOS| > {d['threshold']}): {d['drifted']} of {d['untouched_heads']} untouched heads "
                 f"({len(d['outside_target_columns'])} outside target columns, {len(d['frozen_in_target_columns'])} frozen); "
                 f"iatrogenic: {len(report['iatrogenic'])}")
+    if "verdict" in report:
+        c = report["control"]["recovery"]
+        text.append(f"\nsham control: woken {c['woken']} / functional {c['functional']} / targets {c['targets']}; "
+                    f"{report['verdict']['text']}", style="bold")
     console.print(Group(table, text))

@@ -23,8 +23,10 @@ class EvalSettings:
     """How a repair is judged (defaults follow the paper where it says)."""
 
     thresholds: Thresholds = field(default_factory=Thresholds)
-    contribution_floor: float = 0.02  # share of the layer's attention output norm
-    ablation_min_delta: float = 1e-4  # nats: ablating a functional head must raise loss by more than this
+    contribution_floor: float = 0.02  # share of the layer's attention output norm (without a function baseline)
+    ablation_min_delta: float = 1e-4  # nats: the functional threshold when healthy heads measure no effect
+    functional_share: float = 0.25  # functional: ablation raises loss by >= this x the healthy heads' median
+    reference_heads: int = 16  # healthy heads ablated before the operation for that median
     ablation_blocks: int = 4
     drift_threshold: float = 0.05  # |delta BOS mass| of an untouched head that counts as drift
     dormancy_threshold: float = 1e-3  # an MLP unit whose max |activation| stays below this is dormant
@@ -103,27 +105,43 @@ def ablation_deltas(model, adapter: BloomAdapter, heads: list[Head], blocks: tor
 
 
 def recovery(after: HeadReport, targets: list[Head], deltas: dict[str, float], settings: EvalSettings,
-             before: HeadReport | None = None) -> dict:
-    """Woken (BOS mass back at or under the sink threshold) and functional (contribution above the floor
-    AND ablating it raises loss), counted separately: a freshly re-initialised head is awake, not repaired."""
+             before: HeadReport | None = None, function: dict | None = None) -> dict:
+    """Woken (BOS mass back at or under the sink threshold) and functional, counted separately: a freshly
+    re-initialised head is awake, not repaired. With `function` (engine.function.function_baseline)
+    functional means ablating the head costs at least its threshold, judged against the model's healthy
+    heads, and each target says whether it worked before and lost function; without one, contribution
+    above the floor and any loss rise on ablation."""
+    threshold = function["reference"]["threshold"] if function else None
     per_head = {}
     for l, h in targets:
         bos, contrib = float(after.bos_mass[l, h]), float(after.contribution[l, h])
         delta = float(deltas.get(key((l, h)), float("nan")))
         woken = bos <= settings.thresholds.sink
-        functional = contrib > settings.contribution_floor and delta > settings.ablation_min_delta
+        if threshold is not None:
+            functional = delta >= threshold
+        else:
+            functional = contrib > settings.contribution_floor and delta > settings.ablation_min_delta
         entry = {"bos_mass": bos, "entropy": float(after.entropy[l, h]), "local_mass": float(after.local_mass[l, h]),
                  "contribution": contrib, "ablation_delta": delta, "woken": woken, "functional": bool(functional)}
         if before is not None:
             entry["bos_mass_before"] = float(before.bos_mass[l, h])
             entry["contribution_before"] = float(before.contribution[l, h])
+        if function is not None:
+            was = function["targets"][key((l, h))]
+            entry.update(ablation_delta_before=was["ablation_delta"], functional_before=was["functional"],
+                         lost_function=bool(was["functional"] and not functional))
         per_head[key((l, h))] = entry
-    return {
+    out = {
         "targets": len(targets),
         "woken": sum(e["woken"] for e in per_head.values()),
         "functional": sum(e["functional"] for e in per_head.values()),
         "per_head": per_head,
     }
+    if function is not None:
+        out["functional_before"] = sum(e["functional_before"] for e in per_head.values())
+        out["lost_function"] = sorted(k for k, e in per_head.items() if e["lost_function"])
+        out["rule"], out["threshold"] = function["rule"], threshold
+    return out
 
 
 def untouched_mask(shape: tuple[int, int], targets: list[Head]) -> np.ndarray:

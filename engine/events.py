@@ -118,6 +118,15 @@ class Checkpoint(Event):
 
 
 @dataclass
+class Notice(Event):
+    """Something the user should know before results come in (a warning, never a refusal)."""
+
+    kind = "notice"
+    message: str
+    level: str = "warning"
+
+
+@dataclass
 class RunStarted(Event):
     """A runner took the run (fresh or resumed); `pid` is its process."""
 
@@ -154,8 +163,8 @@ class RunFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (DiagnosisProgress, PhaseChanged, StepMetrics, EvalMetrics, HeadRecovery, Checkpoint, RunStarted, Resumed,
-                RunFinished, RunFailed)
+    for cls in (DiagnosisProgress, PhaseChanged, StepMetrics, EvalMetrics, HeadRecovery, Checkpoint, Notice, RunStarted,
+                Resumed, RunFinished, RunFailed)
 }
 
 

@@ -24,17 +24,19 @@ from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss, mlp_dormancy,
                        perplexity, prompt_loss, recovery)
-from .events import EvalMetrics, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
+from .events import EvalMetrics, Notice, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
+from .function import function_baseline, working_notice
 from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
 from .prompts import load_prompts
 from .spec import format_heads
 from .report import HeadReport, Thresholds
-from .surgery import SurgeryPlan
+from .surgery import SurgeryPlan, read_head_tensors, sham
 from .train import STATE_FILE, PassResult, SurgeryRun, TrainConfig
 
 REPORT_FILE = "report.json"
 PATCH_FILE = "patch.safetensors"
+CONTROL_PATCH_FILE = "control.safetensors"
 OPERATION_SCHEMA_VERSION = 1
 DONE_FILE = "done.json"
 
@@ -49,10 +51,13 @@ class SurgeryJob:
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     heldout_frac: float = 0.05
     diagnosis: DiagnosisSettings | None = None  # None: defaults with the evaluation's thresholds
+    control: str | None = None  # "sham": the same plans again from the base, without re-init or zeroing
 
     def __post_init__(self) -> None:
         if not self.plans:
             raise InputError("a surgery job needs at least one plan")
+        if self.control not in (None, "sham"):
+            raise InputError(f"unknown control arm {self.control!r}: the control arm is sham")
         if self.diagnosis is None:
             self.diagnosis = DiagnosisSettings(thresholds=self.evaluation.thresholds)
         self.evaluation.thresholds = self.diagnosis.thresholds  # one set of class boundaries for the whole job
@@ -68,7 +73,8 @@ class SurgeryJob:
     def to_dict(self) -> dict[str, Any]:
         ev = asdict(self.evaluation)
         return {"plans": [p.to_dict() for p in self.plans], "corpus": asdict(self.corpus), "train": asdict(self.train),
-                "evaluation": ev, "heldout_frac": self.heldout_frac, "diagnosis": self.diagnosis.to_dict()}
+                "evaluation": ev, "heldout_frac": self.heldout_frac, "diagnosis": self.diagnosis.to_dict(),
+                "control": self.control}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], adapter, sick=None, report=None) -> "SurgeryJob":
@@ -85,6 +91,7 @@ class SurgeryJob:
                 evaluation=EvalSettings(**ev),
                 heldout_frac=float(data.get("heldout_frac", 0.05)),
                 diagnosis=DiagnosisSettings.from_dict(diag) if diag is not None else None,
+                control=data.get("control"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed surgery job ({exc}): the file is damaged or from another version") from exc
@@ -111,95 +118,195 @@ def before_point(before: HeadReport, heldout_ppl: float, targets: list[tuple[int
     return EvalMetrics(0, math.nan, math.nan, heldout_ppl, per_head, label="before", **grids)
 
 
+@dataclass
+class _Arm:
+    """One arm's passes and the slices they leave (the surgery, or its sham control)."""
+
+    passes: list[PassResult]
+    tensors: dict[str, torch.Tensor]
+    cancelled: bool = False
+
+
+class _Job:
+    """The state one `run_job` call shares between its phases."""
+
+    def __init__(self, loaded, job: SurgeryJob, out: Path, sink: Sink, cancelled: Callable[[], bool], resume: bool):
+        self.loaded, self.job, self.out, self.sink, self.cancelled, self.resume = loaded, job, out, sink, cancelled, resume
+        self.prompts = load_prompts(job.diagnosis.prompts)
+        self.prompt_ids = tokenize_prompts(loaded.tokenizer, self.prompts, job.diagnosis.max_len)
+        self.identity = model_identity(loaded)
+        self.meta = {"base_model": self.identity, "job": job.to_dict()}
+        self.corpus: PackedCorpus | None = None
+        self.function: dict[str, Any] | None = None
+
+    @property
+    def eval_blocks(self) -> torch.Tensor:
+        return self.corpus.heldout[: self.job.train.eval_blocks]
+
+    @property
+    def ablation_blocks(self) -> torch.Tensor:
+        return self.corpus.heldout[: max(self.job.evaluation.ablation_blocks, 1)]
+
+    def measure(self) -> dict[str, Any]:
+        return measure(self.loaded, self.prompt_ids, self.eval_blocks, self.job.evaluation, prompts=self.prompts,
+                       seed=self.job.train.seed)
+
+    def run_passes(self, plans: list[SurgeryPlan], prefix: str) -> _Arm:
+        """Every pass of one arm, each from the previous one's best checkpoint; passes a resumed run
+        already finished are taken from their checkpoints."""
+        loaded, arm = self.loaded, _Arm([], {})
+        for i, plan in enumerate(plans):
+            name = f"{prefix}-{i + 1}"
+            pass_dir = self.out / "checkpoints" / name
+            if self.resume and (pass_dir / DONE_FILE).is_file():
+                done = json.loads((pass_dir / DONE_FILE).read_text())
+                best, _ = load_patch(done["best_checkpoint"])
+                apply_head_tensors(loaded.model, loaded.adapter, best)
+                arm.tensors.update(best)
+                arm.passes.append(PassResult(plan, done["history"], done["best_step"],
+                                             done["best_heldout_ppl"] or math.inf, done["best_checkpoint"],
+                                             done["steps_done"], done["cancelled"]))
+                self.sink.emit(PhaseChanged(name, f"already done (best step {done['best_step']}), kept"))
+                continue
+            run = SurgeryRun(loaded, plan, self.corpus, self.job.train, prompt_ids=self.prompt_ids, out_dir=self.out,
+                             meta=self.meta, eval_settings=self.job.evaluation,
+                             diagnosis_batch=self.job.diagnosis.batch_size, function=self.function, sink=self.sink,
+                             cancelled=self.cancelled, pass_name=name)
+            state = pass_dir / STATE_FILE
+            if self.resume and not state.is_file():  # this pass starts over: what it logged before is superseded
+                self.sink.emit(Resumed(name, 0))
+            result = run.run(resume_state=state if self.resume and state.is_file() else None)
+            arm.passes.append(result)
+            if result.cancelled:  # no done marker and no after-evaluation: `resume` continues this pass
+                arm.cancelled = True
+                return arm
+            arm.tensors.update(run.finish().head_tensors())
+            atomic_write_text(pass_dir / DONE_FILE, json.dumps(result.to_dict(), indent=1))
+        return arm
+
+    def judge(self, arm: _Arm, before: HeadReport, patch_file: str) -> dict[str, Any]:
+        """Save the arm's patch and measure the model it leaves (the model holds base + that patch)."""
+        loaded, job, targets = self.loaded, self.job, self.job.targets
+        save_patch(self.out / patch_file, arm.tensors,
+                   {**self.meta, "heads": format_heads(parse_tensor_name(k)[:2] for k in arm.tensors)})
+        after = diagnose(loaded, self.prompts, job.diagnosis)
+        deltas = ablation_deltas(loaded.model, loaded.adapter, targets, self.ablation_blocks, job.evaluation.batch_size)
+        return {"patch": patch_file, "after": after, "measured": self.measure(),
+                "passes": [p.to_dict() for p in arm.passes], "history": [pt for p in arm.passes for pt in p.history],
+                "recovery": recovery(after, targets, deltas, job.evaluation, before, self.function),
+                "iatrogenic": iatrogenic(before, after, targets),
+                "drift": drift(before, after, targets, job.frozen, job.evaluation.drift_threshold)}
+
+
+def _ppl(measured_before: dict[str, Any], measured_after: dict[str, Any]) -> dict[str, float]:
+    return {"heldout_before": measured_before["heldout_ppl"], "heldout_after": measured_after["heldout_ppl"],
+            "prompts_before": measured_before["prompt_ppl"], "prompts_after": measured_after["prompt_ppl"]}
+
+
+def _best_ppl(passes: list[dict[str, Any]]) -> float:
+    values = [p["heldout_ppl"] for q in passes for p in q["history"] if p["step"] > 0 and p["heldout_ppl"] is not None]
+    return min(values) if values else math.nan
+
+
+def verdict(surgery: dict[str, Any], control: dict[str, Any], tolerance: float = 0.005) -> dict[str, Any]:
+    """Held-out perplexity of the surgery against its sham control, at the end and at each arm's best
+    evaluation point; within `tolerance` (relative) they tie."""
+    def lower(a: float, b: float) -> str:
+        if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) <= tolerance * min(a, b):
+            return "tie"
+        return "surgery" if a < b else "control"
+
+    end = {"surgery": surgery["ppl"]["heldout_after"], "control": control["ppl"]["heldout_after"]}
+    best = {"surgery": _best_ppl(surgery["passes"]), "control": _best_ppl(control["passes"])}
+    out = {"heldout_ppl_end": end, "heldout_ppl_best": best, "lower_at_end": lower(end["surgery"], end["control"]),
+           "lower_at_best": lower(best["surgery"], best["control"])}
+    who = {"tie": "a tie (within 0.5%)", "surgery": "the surgery lower", "control": "the control lower"}
+    out["text"] = (f"held-out ppl {surgery['ppl']['heldout_before']:.2f} -> surgery {end['surgery']:.2f}, sham control "
+                   f"{end['control']:.2f}: {who[out['lower_at_end']]}; best points {best['surgery']:.2f} vs "
+                   f"{best['control']:.2f}: {who[out['lower_at_best']]}")
+    return out
+
+
 def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None = None,
             cancelled: Callable[[], bool] = lambda: False, baseline: HeadReport | None = None,
             corpus: PackedCorpus | None = None, resume: bool = False) -> dict[str, Any]:
     """Run every pass of `job` on `loaded` (modified in place: afterwards it is base + patch), write the
     patch and report into `out_dir`, and return the report. `resume` continues from checkpoints there.
-    `baseline`, when given, must be a diagnosis of `loaded` with `job.diagnosis`."""
+    `baseline`, when given, must be a diagnosis of `loaded` with `job.diagnosis`. With `job.control` the
+    same plans then run again from the base as a sham (no re-init, no zeroing) for comparison."""
     sink = sink or NullSink()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings, tconf, dsettings = job.evaluation, job.train, job.diagnosis
     for plan in job.plans:
         plan.check_fits(loaded.adapter)
-    identity = model_identity(loaded)
-    prompts = load_prompts(dsettings.prompts)
+    ctx = _Job(loaded, job, out, sink, cancelled, resume)
+    tconf, dsettings = job.train, job.diagnosis
     sink.emit(PhaseChanged("corpus", f"loading {job.corpus.describe()} in blocks of {tconf.seq_len}"))
-    corpus = corpus or load_corpus(job.corpus, loaded.tokenizer, tconf.seq_len, job.heldout_frac)
-    prompt_ids = tokenize_prompts(loaded.tokenizer, prompts, dsettings.max_len)
-    eval_blocks = corpus.heldout[: tconf.eval_blocks]
+    ctx.corpus = corpus or load_corpus(job.corpus, loaded.tokenizer, tconf.seq_len, job.heldout_frac)
 
     sink.emit(PhaseChanged("baseline", "measuring the model before surgery"))
-    before = baseline if baseline is not None else diagnose(loaded, prompts, dsettings, cancelled=cancelled)
+    before = baseline if baseline is not None else diagnose(loaded, ctx.prompts, dsettings, cancelled=cancelled)
     if cancelled():  # a cut-short diagnosis is no "before": stop before recording anything
         sink.emit(RunFinished(0, -1, math.inf, cancelled=True))
         return {"cancelled": True, "passes": [], "run_dir": str(out)}
     before = before.with_thresholds(dsettings.thresholds)
-    measured_before = measure(loaded, prompt_ids, eval_blocks, settings, prompts=prompts, seed=tconf.seed)
+    measured_before = ctx.measure()
+    ctx.function = function_baseline(loaded, before, job.targets, ctx.ablation_blocks, job.evaluation, tconf.seed)
     sink.emit(before_point(before, measured_before["heldout_ppl"], job.targets))
+    notice = working_notice(ctx.function)
+    if notice:
+        sink.emit(Notice(notice))
+    base_slices = read_head_tensors(loaded.model, loaded.adapter, job.targets)
 
-    meta = {"base_model": identity, "job": job.to_dict()}
-    passes: list[PassResult] = []
-    tensors: dict[str, torch.Tensor] = {}
-    for i, plan in enumerate(job.plans):
-        name = f"pass-{i + 1}"
-        pass_dir = out / "checkpoints" / name
-        if resume and (pass_dir / DONE_FILE).is_file():
-            done = json.loads((pass_dir / DONE_FILE).read_text())
-            best, _ = load_patch(done["best_checkpoint"])
-            apply_head_tensors(loaded.model, loaded.adapter, best)
-            tensors.update(best)
-            passes.append(PassResult(plan, done["history"], done["best_step"], done["best_heldout_ppl"] or math.inf,
-                                     done["best_checkpoint"], done["steps_done"], done["cancelled"]))
-            sink.emit(PhaseChanged(name, f"already done (best step {done['best_step']}), kept"))
-            continue
-        run = SurgeryRun(loaded, plan, corpus, tconf, prompt_ids=prompt_ids, out_dir=out, meta=meta,
-                         eval_settings=settings, diagnosis_batch=dsettings.batch_size, sink=sink,
-                         cancelled=cancelled, pass_name=name)
-        state = pass_dir / STATE_FILE
-        if resume and not state.is_file():  # this pass starts over: what it logged before is superseded
-            sink.emit(Resumed(name, 0))
-        result = run.run(resume_state=state if resume and state.is_file() else None)
-        passes.append(result)
-        if result.cancelled:  # no done marker and no after-evaluation: `resume` continues this pass
-            sink.emit(RunFinished(result.steps_done, result.best_step, result.best_heldout_ppl, cancelled=True))
-            return {"cancelled": True, "passes": [p.to_dict() for p in passes], "run_dir": str(out)}
-        tensors.update(run.finish().head_tensors())
-        atomic_write_text(pass_dir / DONE_FILE, json.dumps(result.to_dict(), indent=1))
-
+    arm = ctx.run_passes(job.plans, "pass")
+    if arm.cancelled:
+        return _cancelled(sink, arm, out)
     sink.emit(PhaseChanged("evaluate", "measuring the repaired model"))
-    targets = job.targets
-    patch_path = out / PATCH_FILE
-    save_patch(patch_path, tensors, {**meta, "heads": format_heads(parse_tensor_name(k)[:2] for k in tensors)})
-    after = diagnose(loaded, prompts, dsettings)
-    ablation = corpus.heldout[: max(settings.ablation_blocks, 1)]
-    deltas = ablation_deltas(loaded.model, loaded.adapter, targets, ablation, settings.batch_size)
-    measured_after = measure(loaded, prompt_ids, eval_blocks, settings, prompts=prompts, seed=tconf.seed)
+    surgery = ctx.judge(arm, before, PATCH_FILE)
+    surgery["ppl"] = _ppl(measured_before, surgery["measured"])
+    control = None
+    if job.control:
+        apply_head_tensors(loaded.model, loaded.adapter, base_slices)  # the control starts from the base too
+        sham_arm = ctx.run_passes([sham(p) for p in job.plans], "control-pass")
+        if sham_arm.cancelled:
+            return _cancelled(sink, sham_arm, out)
+        sink.emit(PhaseChanged("evaluate", "measuring the sham control"))
+        control = ctx.judge(sham_arm, before, CONTROL_PATCH_FILE)
+        control["ppl"] = _ppl(measured_before, control["measured"])
+        apply_head_tensors(loaded.model, loaded.adapter, arm.tensors)  # leave the model as base + the surgery
     report = {
         "schema_version": OPERATION_SCHEMA_VERSION,
-        "base_model": identity,
+        "base_model": ctx.identity,
         "job": job.to_dict(),
-        "corpus": {"description": corpus.description, "train_blocks": len(corpus.train),
-                   "heldout_blocks": len(corpus.heldout), "seq_len": corpus.seq_len},
+        "corpus": {"description": ctx.corpus.description, "train_blocks": len(ctx.corpus.train),
+                   "heldout_blocks": len(ctx.corpus.heldout), "seq_len": ctx.corpus.seq_len},
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
-        "patch": PATCH_FILE,
-        "passes": [p.to_dict() for p in passes],
-        "history": [pt for p in passes for pt in p.history],
+        **_arm_fields(surgery),
         "cancelled": False,
-        "recovery": recovery(after, targets, deltas, settings, before),
-        "iatrogenic": iatrogenic(before, after, targets),
-        "drift": drift(before, after, targets, job.frozen, settings.drift_threshold),
-        "ppl": {"heldout_before": measured_before["heldout_ppl"], "heldout_after": measured_after["heldout_ppl"],
-                "prompts_before": measured_before["prompt_ppl"], "prompts_after": measured_after["prompt_ppl"]},
-        "mlp_dormancy": {"before": measured_before["mlp_dormancy"], "after": measured_after["mlp_dormancy"]},
-        "completions": {"before": measured_before["completions"], "after": measured_after["completions"]},
+        "function_before": ctx.function,
+        "mlp_dormancy": {"before": measured_before["mlp_dormancy"], "after": surgery["measured"]["mlp_dormancy"]},
+        "completions": {"before": measured_before["completions"], "after": surgery["measured"]["completions"]},
         "diagnosis_before": before.to_json(),
-        "diagnosis_after": after.to_json(),
     }
+    if control is not None:
+        report["control"] = {"arm": job.control, **_arm_fields(control)}
+        report["verdict"] = verdict(surgery, control)
     report = json_safe(report)
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False))
-    last = passes[-1] if passes else None
+    last = arm.passes[-1] if arm.passes else None
     sink.emit(RunFinished(last.steps_done if last else 0, last.best_step if last else -1,
                           last.best_heldout_ppl if last else math.inf))
     return report
+
+
+def _arm_fields(arm: dict[str, Any]) -> dict[str, Any]:
+    """The report's fields for one arm (the surgery's at the top level, the control's under `control`)."""
+    return {"patch": arm["patch"], "passes": arm["passes"], "history": arm["history"], "recovery": arm["recovery"],
+            "iatrogenic": arm["iatrogenic"], "drift": arm["drift"], "ppl": arm["ppl"],
+            "diagnosis_after": arm["after"].to_json()}
+
+
+def _cancelled(sink: Sink, arm: _Arm, out: Path) -> dict[str, Any]:
+    last = arm.passes[-1]
+    sink.emit(RunFinished(last.steps_done, last.best_step, last.best_heldout_ppl, cancelled=True))
+    return {"cancelled": True, "passes": [p.to_dict() for p in arm.passes], "run_dir": str(out)}

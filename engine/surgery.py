@@ -24,6 +24,7 @@ from .errors import InputError
 from .spec import format_heads, parse_heads
 
 INIT_SCHEMES = ("xavier_uniform", "xavier_normal")
+SHAM = "none"  # the control arm: the same slices train from their current values (no re-init, no zeroing)
 Head = tuple[int, int]
 
 
@@ -41,7 +42,7 @@ class SurgeryPlan:
         self.frozen = sorted({(int(l), int(h)) for l, h in self.frozen})
         if not self.targets:
             raise InputError("the surgery plan has no target heads: mark heads or pass --targets SPEC")
-        if self.init not in INIT_SCHEMES:
+        if self.init not in (*INIT_SCHEMES, SHAM):
             raise InputError(f"unknown init scheme {self.init!r}: use one of {', '.join(INIT_SCHEMES)}")
         both = set(self.targets) & set(self.frozen)
         if both:
@@ -224,12 +225,34 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def sham(plan: SurgeryPlan) -> SurgeryPlan:
+    """The control arm's plan: the same heads and seed, trained from their current values."""
+    return SurgeryPlan(plan.targets, plan.frozen, SHAM, plan.seed)
+
+
+@torch.no_grad()
+def read_head_tensors(model: nn.Module, adapter: BloomAdapter, heads: list[Head]) -> dict[str, torch.Tensor]:
+    """The heads' current slices, named as in a patch (`apply_head_tensors` puts them back)."""
+    out = {}
+    for l, h in heads:
+        qkv, dense = adapter.qkv(model, l), adapter.dense(model, l)
+        rows, cols = adapter.qkv_rows(h), adapter.dense_cols(h)
+        prefix = f"layer.{l}.head.{h}."
+        out[prefix + "qkv_weight"] = qkv.weight[rows].detach().cpu().clone()
+        out[prefix + "qkv_bias"] = qkv.bias[rows].detach().cpu().clone()
+        out[prefix + "dense_weight"] = dense.weight[:, cols].detach().cpu().clone()
+    return out
+
+
 @torch.no_grad()
 def operate(model: nn.Module, adapter: BloomAdapter, plan: SurgeryPlan, dtype=torch.float32) -> HeadSlices:
     """Perform the surgery: freeze the model, re-initialise each target's Q/K/V rows (bias rows zero),
-    zero its `dense` columns, and return the attached trainable slices."""
+    zero its `dense` columns, and return the attached trainable slices. A sham plan (init `none`) skips
+    the re-initialisation and the zeroing: the slices start as the base's, so the model is unchanged."""
     plan.check_fits(adapter)
     freeze(model)
+    if plan.init == SHAM:
+        return HeadSlices(model, adapter, plan, dtype).attach()
     fresh = init_head_weights(plan, adapter)
     for (layer, head), w in fresh.items():
         qkv, dense = adapter.qkv(model, layer), adapter.dense(model, layer)

@@ -135,12 +135,14 @@ class SurgeryRun:
 
     def __init__(self, loaded, plan: SurgeryPlan, corpus: PackedCorpus, config: TrainConfig, *,
                  prompt_ids: list[list[int]], out_dir: str | Path, meta: dict[str, Any],
-                 eval_settings: EvalSettings | None = None, diagnosis_batch: int = 8, sink: Sink | None = None,
+                 eval_settings: EvalSettings | None = None, diagnosis_batch: int = 8,
+                 function: dict[str, Any] | None = None, sink: Sink | None = None,
                  cancelled: Callable[[], bool] = lambda: False, pass_name: str = "pass-1"):
         self.loaded, self.plan, self.corpus, self.config = loaded, plan, corpus, config
         self.prompt_ids, self.meta = prompt_ids, meta
         self.settings = eval_settings or EvalSettings()
         self.diagnosis_batch = diagnosis_batch
+        self.function = function  # the function baseline: functional is judged against it at every evaluation
         self.sink, self.cancelled = sink or NullSink(), cancelled
         self.pass_name = pass_name
         self.dir = Path(out_dir) / "checkpoints" / pass_name
@@ -217,7 +219,7 @@ class SurgeryRun:
         a = self.adapter
         report = HeadReport(model=self.loaded.ref, n_layer=a.n_layer, n_head=a.n_head, slopes=a.slopes,
                             thresholds=self.settings.thresholds, **stats)
-        rec = recovery(report, self.plan.targets, deltas, self.settings)
+        rec = recovery(report, self.plan.targets, deltas, self.settings, function=self.function)
         targets = {k: {s: v[s] for s in ("bos_mass", "entropy", "local_mass", "contribution", "ablation_delta")}
                    for k, v in rec["per_head"].items()}
         point = {"step": step, "train_loss": train_loss, "train_ppl": perplexity(train_loss),

@@ -64,6 +64,7 @@ class JobInputs:
     sink_rate_epsilon: float = 0.3
     band_share: float = 0.3
     completions: int = 3
+    control: str | None = None  # "sham": a control arm trains the same slices without re-init or zeroing
 
     @classmethod
     def from_namespace(cls, args: Any, **overrides: Any) -> "JobInputs":
@@ -97,7 +98,7 @@ class JobInputs:
             sink=th.get("sink", 0.5), dead=th.get("dead", 0.95), low_entropy=th.get("low_entropy", 0.5),
             positional_local=th.get("positional_local", 0.5), sink_rate_epsilon=th.get("sink_rate_epsilon", 0.3),
             band_share=th.get("band_share", 0.3),
-            completions=ev.get("completion_prompts", 3))
+            completions=ev.get("completion_prompts", 3), control=job.get("control"))
         return cls(**{**values, **overrides})
 
     # --- pieces of the job ------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class JobInputs:
                  for i, (t, f) in enumerate(self.specs())]
         diagnosis = self.diagnosis_settings()
         evaluation = EvalSettings(thresholds=diagnosis.thresholds, completion_prompts=self.completions)
-        return SurgeryJob(plans, self.corpus_spec(), self.train_config(), evaluation, diagnosis=diagnosis)
+        return SurgeryJob(plans, self.corpus_spec(), self.train_config(), evaluation, diagnosis=diagnosis,
+                          control=self.control)
 
 
 JOB_DEFAULTS = {f.name: f.default for f in fields(JobInputs)}  # the CLI's flags and the workbench's dialog start here

@@ -116,8 +116,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(planted_dir, 
     calls = {"n": 0}
 
     def poison(module, args, output):  # the final layer norm returns NaN once training is under way
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] > 40 else output
+        calls["n"] += module.training
+        return output * float("nan") if calls["n"] > 6 else output
 
     loaded.model.transformer.ln_f.register_forward_hook(poison)
     sink = ListSink()
