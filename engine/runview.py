@@ -67,8 +67,10 @@ class RunHistory:
     def recovery_at(self, point: EvalMetrics) -> HeadRecovery | None:
         return self.recoveries.get((point.label, point.step))
 
-    def latest_recovery(self) -> HeadRecovery | None:
-        return next(reversed(self.recoveries.values()), None)
+    def latest_recovery(self, skip_prefix: str | None = None) -> HeadRecovery | None:
+        """The newest recovery, leaving out passes whose name starts with `skip_prefix` (a control arm)."""
+        keep = [r for (phase, _), r in self.recoveries.items() if not (skip_prefix and phase.startswith(skip_prefix))]
+        return keep[-1] if keep else None
 
     @property
     def loss_values(self) -> list[float]:

@@ -45,6 +45,7 @@ async def _operate(app, pilot, fields: dict[str, str]) -> None:
     await pilot.press("enter")
     await wait_idle(app, pilot, rounds=400)
     app._poll()
+    app.clear_notifications()  # a toast would cover the side pane's last rows
     await pilot.pause()
 
 
@@ -85,7 +86,7 @@ async def test_two_surgeries_in_a_row_each_start_from_the_base_and_replay_to_the
         status = str(app.query_one("#status").render())
         assert "evaluation point 1/" in status and "before the operation" in status
         assert app.grid.data.classes[0][3] == "dead" and "BOS     1.000" in str(app.query_one("#detail").render())
-        assert "dead        2" in str(app.query_one("#summary").render())
+        assert "dead 2" in str(app.query_one("#summary").render())
         check_snapshot(app, "scrubbed_before")
         await pilot.press(*"]" * 10)
         assert app.grid.data.classes[0][3] != "dead"
@@ -270,3 +271,21 @@ async def test_attaching_with_other_weights_is_refused(planted_dir, tiny_dir, wo
     async with app.run_test(size=SIZE, notifications=True) as pilot:
         await wait_idle(app, pilot)
         assert app.attached is None and any("other weights" in n.message for n in app._notifications)
+
+
+async def test_a_sham_control_from_the_dialog_draws_its_curve_and_the_verdict(planted_dir, workdir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir), detach=False)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("a", "o")
+        await pilot.pause()
+        app.screen.query_one("#field-control").value = True
+        await _operate(app, pilot, {"corpus": str(workdir / "corpus.txt"), "steps": "2", "lr": "0.01", "seq_len": "32"})
+        assert app.run_state == "finished" and app.verdict is not None
+        report = __import__("json").loads((app.attached.run_dir / "report.json").read_text())
+        assert report["job"]["control"] == "sham" and report["control"]["arm"] == "sham"
+        assert len(app.control_ppls) == 3 and len(app.ppls) == 4  # sham: steps 0-2; surgery: before + steps 0-2
+        assert app.query_one("#control-row").display
+        shown = "\n".join(_summary_on_screen(app))
+        assert "vs sham" in shown and "woken 2 / functional" in shown
+        assert "(sham " in str(app.query_one("#status").render())

@@ -23,8 +23,8 @@ from engine.diagnosis import diagnose
 from engine.errors import HeadSurgeonError, InputError
 from engine.eventlog import LOG_FILE, LogReader
 from engine.evaluate import EvalSettings, drifted
-from engine.events import (Checkpoint, DiagnosisProgress, EvalMetrics, PhaseChanged, Resumed, RunFailed, RunFinished,
-                           RunStarted, event_from_dict)
+from engine.events import (Checkpoint, DiagnosisProgress, EvalMetrics, Notice, PhaseChanged, Resumed, RunFailed,
+                           RunFinished, RunStarted, event_from_dict)
 from engine.model import check_identity, load_model, model_identity
 from engine.prompts import load_prompts
 from engine.report import HeadReport
@@ -51,13 +51,16 @@ def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | No
     try:
         return replace(base, targets=format_heads(targets), frozen=format_heads(frozen), corpus=fields["corpus"],
                        steps=int(fields["steps"]), epochs=None, lr=float(fields["lr"]),
-                       seq_len=int(fields["seq_len"]), seed=int(fields["seed"]))
+                       seq_len=int(fields["seq_len"]), seed=int(fields["seed"]),
+                       control="sham" if fields.get("control") else None)
     except ValueError as exc:
         raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
 
 
 DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],
-                   "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"]}
+                   "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"], "control": False}
+CONTROL = "control-"  # the sham arm's passes are control-pass-1, ...
+SHORT_CLASS = {"bos-sink": "sink", "low-entropy": "low-ent"}
 
 
 def _duration(seconds: float | None) -> str:
@@ -103,12 +106,14 @@ class HeadSurgeonApp(App[int]):
         self.attached: Launch | None = None  # the attached run
         self.history = RunHistory()
         self.after: HeadReport | None = None  # the attached run's final diagnosis, once it has one
+        self.verdict: dict | None = None  # surgery vs sham control, once a run with a control arm finished
         self.point: int | None = None  # index into history.points while scrubbing
         self.run_state = ""  # running / finished / cancelled / failed / dead of the attached run
         self._reader: LogReader | None = None
         self._timer = None
         self._pending_attach: Launch | None = None
         self._thresholds = Thresholds()  # the attached run's class boundaries
+        self._following = False  # reading a live run's log as it grows (not an old run's history)
         if attach is not None:
             self._pending_attach = open_run(attach)
             if self.model_ref is None:
@@ -131,6 +136,9 @@ class HeadSurgeonApp(App[int]):
                 with Horizontal(classes="curve"):
                     yield Label("held-out ppl", id="ppl-label")
                     yield Sparkline([], id="ppl-curve")
+                with Horizontal(classes="curve control", id="control-row"):  # shown when a sham arm runs
+                    yield Label("sham ppl", id="control-label")
+                    yield Sparkline([], id="control-curve")
         with Horizontal(id="status-row"):
             yield Static("", id="status")
             yield ProgressBar(id="progress", show_eta=False)
@@ -143,11 +151,18 @@ class HeadSurgeonApp(App[int]):
 
     @property
     def losses(self) -> list[float]:
-        return self.history.loss_values
+        """The surgery's training loss at every step (the sham arm's is not drawn)."""
+        return [v for phase, _, v in self.history.losses if v is not None and not phase.startswith(CONTROL)]
 
     @property
     def ppls(self) -> list[float]:
-        return self.history.heldout_ppls
+        """Held-out perplexity at the surgery's points, the model before the operation first."""
+        return [p.heldout_ppl for p in self.history.points
+                if p.heldout_ppl is not None and not p.label.startswith(CONTROL)]
+
+    @property
+    def control_ppls(self) -> list[float]:
+        return [p.heldout_ppl for p in self.history.points if p.heldout_ppl is not None and p.label.startswith(CONTROL)]
 
     def on_mount(self) -> None:
         self.grid.border_title = "layers x heads"
@@ -315,7 +330,7 @@ class HeadSurgeonApp(App[int]):
             self._timer.stop()
         self._thresholds = Thresholds(**(spec.job.get("diagnosis") or {}).get("thresholds", {}))
         self.attached, self.session = launch, launch.session
-        self.history, self.after, self.point, self.run_state = RunHistory(), None, None, ""
+        self.history, self.after, self.point, self.run_state, self.verdict = RunHistory(), None, None, "", None
         self._reader = LogReader(launch.run_dir / LOG_FILE)
         if not fresh:
             self.log_line(f"attached to {launch.run_dir}")
@@ -327,6 +342,7 @@ class HeadSurgeonApp(App[int]):
             return
         live = is_live(self.attached.run_dir)
         records = self._reader.read_new(final=not live)
+        self._following = live or any(w.is_running for w in self.workers if w.group == "surgery")
         for record in records:
             try:
                 event = event_from_dict(record)
@@ -393,6 +409,10 @@ class HeadSurgeonApp(App[int]):
             line = f"run {'cancelled' if event.cancelled else 'finished'} at step {event.step}"
         elif isinstance(event, RunFailed):
             line = f"run failed at step {event.step}: {event.message}"
+        elif isinstance(event, Notice):
+            line = f"{event.level}: {event.message}"
+            if self._following:
+                self.notify(event.message, title=event.level, severity="warning", timeout=12)
         if line:
             self.log_line(line)
 
@@ -413,17 +433,22 @@ class HeadSurgeonApp(App[int]):
             self.set_status("run finished")
             return
         self.after = HeadReport.from_json(report["diagnosis_after"])
+        self.verdict = report.get("verdict")
         rec, ppl = report["recovery"], report["ppl"]
+        sham = f" (sham {self.verdict['heldout_ppl_end']['control']:.2f})" if self.verdict else ""
         self.set_status(f"done: woken {rec['woken']}/{rec['targets']}, functional {rec['functional']}; "
-                        f"ppl {ppl['heldout_before']:.2f} → {ppl['heldout_after']:.2f}")
+                        f"ppl {ppl['heldout_before']:.2f} → {ppl['heldout_after']:.2f}{sham}")
+        if self.verdict:
+            self.log_line(self.verdict["text"])
         self.log_line(f"patch and report in {self.attached.run_dir}; drift {report['drift']['drifted']} heads, "
                       f"iatrogenic {len(report['iatrogenic'])}")
 
     def _latest_report(self) -> HeadReport | None:
         if self.after is not None:
             return self.after
-        if self.history.points and self.report is not None:
-            return point_report(self.history.points[-1], self.report)
+        surgery = [p for p in self.history.points if not p.label.startswith(CONTROL)]
+        if surgery and self.report is not None:  # the grid follows the surgery; its control is scrubbed to
+            return point_report(surgery[-1], self.report)
         return self.report
 
     def _show(self, report: HeadReport | None) -> None:
@@ -431,11 +456,14 @@ class HeadSurgeonApp(App[int]):
             self._set_grid(report)
 
     def _update_curves(self) -> None:
-        losses, ppls = self.losses, self.ppls
+        losses, ppls, control = self.losses, self.ppls, self.control_ppls
         self.query_one("#loss-curve", Sparkline).data = losses
         self.query_one("#ppl-curve", Sparkline).data = ppls
         self.query_one("#loss-label", Label).update(f"loss {losses[-1]:.3f}" if losses else "loss")
         self.query_one("#ppl-label", Label).update(f"ppl {ppls[-1]:.2f}" if ppls else "held-out ppl")
+        self.query_one("#control-row").display = bool(control)
+        self.query_one("#control-curve", Sparkline).data = control
+        self.query_one("#control-label", Label).update(f"sham {control[-1]:.2f}" if control else "sham ppl")
 
     # --- what the panes show ---------------------------------------------------------------------------
     def shown_report(self) -> HeadReport | None:
@@ -454,8 +482,11 @@ class HeadSurgeonApp(App[int]):
     @property
     def recovery(self) -> dict | None:
         rec = (self.history.recovery_at(self.history.points[self.point]) if self.point is not None
-               else self.history.latest_recovery())
-        return None if rec is None else {"woken": rec.woken, "functional": rec.functional, "targets": rec.targets}
+               else self.history.latest_recovery(skip_prefix=CONTROL))  # the surgery's, not its control's
+        if rec is None:
+            return None
+        lost = sum(bool(e.get("lost_function")) for e in rec.per_head.values())
+        return {"woken": rec.woken, "functional": rec.functional, "targets": rec.targets, "lost": lost}
 
     @property
     def drift(self) -> int | None:
@@ -501,9 +532,10 @@ class HeadSurgeonApp(App[int]):
         text = Text()
         report = self.shown_report()
         counts = report.counts() if report is not None else {}
-        for name in CLASS_NAMES:
-            text.append("  ", style=self.grid.class_style(name))
-            text.append(f" {name:<12}{counts.get(name, '-')}\n")
+        for i, name in enumerate(CLASS_NAMES):  # two classes a line: the pane is 24 columns at 80x24
+            text.append(" ", style=self.grid.class_style(name))
+            cell = f"{SHORT_CLASS.get(name, name)} {counts.get(name, '-')}"
+            text.append(f"{cell:<11}" if i % 2 == 0 and i + 1 < len(CLASS_NAMES) else f"{cell}\n")
         text.append(f"targets {len(data.targets)}  frozen {len(data.frozen)}\n")
         recovery = self.recovery
         if recovery is not None:
@@ -511,7 +543,12 @@ class HeadSurgeonApp(App[int]):
             text.append(f"woken {r['woken']} / functional {r['functional']}\n", style="bold")  # of the targets above
         drift = self.drift
         if drift is not None:
-            text.append(f"drift {drift} untouched\n")
+            lost = f" · lost fn {recovery['lost']}" if recovery and recovery.get("lost") else ""
+            text.append(f"drift {drift} untouched{lost}\n" if not lost else f"drift {drift}{lost}\n")
+        if self.verdict is not None:
+            end = self.verdict["heldout_ppl_end"]
+            worse = self.verdict["lower_at_end"] == "control"
+            text.append(f"ppl {end['surgery']:.2f} vs sham {end['control']:.2f}\n", style="bold red" if worse else "bold")
         return text
 
     # --- actions ----------------------------------------------------------------------------------------

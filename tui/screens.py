@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Markdown
+from textual.widgets import Button, Checkbox, Input, Label, Markdown
 
 
 class HelpScreen(ModalScreen[None]):
@@ -99,11 +99,14 @@ class SurgeryScreen(ModalScreen[dict | None]):
                 with Horizontal(classes="field"):
                     yield Label(label)
                     yield Input(value=str(self.defaults.get(name, "")), placeholder=label, id=f"field-{name}")
+            yield Checkbox("sham control arm: the same slices trained without re-init, for comparison",
+                           bool(self.defaults.get("control")), id="field-control")
             yield Label("corpus: text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib/PKG\n"
-                        "enter starts · esc cancels · tab moves between fields", classes="hint")
+                        "enter starts · esc cancels · tab moves between fields, space ticks the box", classes="hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss({name: self.query_one(f"#field-{name}", Input).value.strip() for name, _ in self.FIELDS})
+        fields = {name: self.query_one(f"#field-{name}", Input).value.strip() for name, _ in self.FIELDS}
+        self.dismiss({**fields, "control": self.query_one("#field-control", Checkbox).value})
 
     def action_cancel(self) -> None:
         self.dismiss(None)
