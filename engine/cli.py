@@ -308,6 +308,14 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_figures(args) -> int:
+    from .figures import write_figures
+
+    for path in write_figures(args.source, args.out):
+        print(path)
+    return 0
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -395,6 +403,13 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new directory for the repaired model (save_pretrained)")
     p.add_argument("--force", action="store_true", help="apply even if the base model's weights hash differs")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("figures", help="publication figures (PNG and SVG) of a run or a diagnosis JSON; needs "
+                       "the figures extra (matplotlib)")
+    p.add_argument("source", metavar="RUN_OR_REPORT",
+                   help="run directory, its report.json, or a diagnosis JSON (diagnose --json)")
+    p.add_argument("--out", required=True, help="new directory for the figures")
+    p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("bench", help="paper-style surgery loop vs ours on random weights in real BLOOM shapes")
     p.add_argument("--shape", choices=("bloom-560m", "bloom-1b7", "bloom-3b", "bloom-7b1"), default="bloom-1b7")
