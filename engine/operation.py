@@ -92,14 +92,18 @@ class SurgeryJob:
 
 def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, settings: EvalSettings, *,
             prompts: list[str], seed: int) -> dict[str, Any]:
-    """The model-level numbers compared before and after surgery."""
+    """The model-level numbers compared before and after surgery. MLP dormancy twice: `mlp_dormancy` by
+    activation (share of units per layer), `mlp_weight_dormancy` by weight norms (units per layer, the paper's)."""
+    from .evaluate import mlp_activation_dormancy, mlp_weight_dormancy
+
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return {
         "heldout_ppl": perplexity(mean_loss(loaded.model, eval_blocks, settings.batch_size)),
         "prompt_ppl": perplexity(prompt_loss(loaded.model, prompts_ids, pad, settings.batch_size)),
-        "mlp_dormancy": mlp_dormancy(loaded.model, loaded.adapter, prompts_ids, pad, settings.dormancy_threshold,
-                                     settings.batch_size),
+        "mlp_dormancy": mlp_activation_dormancy(loaded.model, loaded.adapter, prompts_ids, pad,
+                                                settings.dormancy_threshold, settings.batch_size),
+        "mlp_weight_dormancy": mlp_weight_dormancy(loaded.model, loaded.adapter, settings.weight_dormancy_threshold),
         "completions": completions(loaded.model, tok, prompts, settings, seed) if settings.completion_prompts else [],
     }
 
