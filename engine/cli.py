@@ -316,6 +316,42 @@ def cmd_figures(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Perplexity of a model, or base + patch, on every block of a corpus (or the first --blocks)."""
+    import json
+
+    from rich.console import Console
+
+    from .atomic import atomic_write_text
+    from .corpus import CorpusSpec, check_corpus
+    from .evaluate_cli import apply_patch, corpus_perplexity, summary_lines
+    from .patch import load_patch
+    from .preflight import check_output_file
+    from .spec import format_heads
+
+    console = Console()
+    spec = CorpusSpec(args.corpus, args.corpus_config, args.corpus_split, args.text_column, args.max_documents)
+    check_corpus(spec)
+    if args.json:
+        check_output_file(args.json, overwrite=args.overwrite, what="--json")
+    tensors, meta = load_patch(args.patch) if args.patch else ({}, {})
+    with console.status("loading model…"):
+        loaded = load_from_args(args)
+    heads = apply_patch(loaded, tensors, meta, f"patch {args.patch}", args.force) if args.patch else []
+    with console.status(f"evaluating {loaded.name} on {spec.describe()} ({loaded.device}, {loaded.dtype})…"):
+        result = corpus_perplexity(loaded, spec, args.seq_len, args.blocks, args.batch_size)
+    result = {"model": loaded.ref, "patch": args.patch, "patched_heads": format_heads(heads),
+              "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."), **result}
+    patched = f" + patch {args.patch} ({len(heads)} heads: {result['patched_heads']})" if args.patch else ""
+    console.print(f"{loaded.name}{patched} ({result['device']}, {result['dtype']})", highlight=False)
+    for line in summary_lines(result):
+        console.print(line, highlight=False)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1, allow_nan=False))
+        console.print(f"results written to {args.json}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -410,6 +446,18 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
                    help="run directory, its report.json, or a diagnosis JSON (diagnose --json)")
     p.add_argument("--out", required=True, help="new directory for the figures")
     p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model, or base + patch, on every block of a corpus")
+    add_model_args(p)
+    p.add_argument("--patch", help="patch.safetensors written by operate, applied to --model first")
+    p.add_argument("--force", action="store_true", help="apply the patch even if the base model's weights hash differs")
+    add_corpus_args(p)
+    p.add_argument("--seq-len", type=int, default=JOB_DEFAULTS["seq_len"], help="tokens per block")
+    p.add_argument("--blocks", type=int, help="score only the first N blocks (default: all of them)")
+    p.add_argument("--batch-size", type=int, default=JOB_DEFAULTS["batch_size"], help="blocks per forward pass")
+    p.add_argument("--json", help="write the results as JSON to this new file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="paper-style surgery loop vs ours on random weights in real BLOOM shapes")
     p.add_argument("--shape", choices=("bloom-560m", "bloom-1b7", "bloom-3b", "bloom-7b1"), default="bloom-1b7")

@@ -29,7 +29,8 @@ class EvalSettings:
     reference_heads: int = 16  # healthy heads ablated before the operation for that median
     ablation_blocks: int = 4
     drift_threshold: float = 0.05  # |delta BOS mass| of an untouched head that counts as drift
-    dormancy_threshold: float = 1e-3  # an MLP unit whose max |activation| stays below this is dormant
+    dormancy_threshold: float = 1e-3  # activation dormancy: an MLP unit whose max |activation| stays below this
+    weight_dormancy_threshold: float = 0.01  # the paper's: ||input row|| x ||output column|| of a unit below this
     completion_prompts: int = 3
     max_new_tokens: int = 100
     temperature: float = 0.7
@@ -159,7 +160,8 @@ def drifted(before_bos: np.ndarray, after_bos: np.ndarray, targets: list[Head], 
 
 def drift(before: HeadReport, after: HeadReport, targets: list[Head], frozen: list[Head], threshold: float) -> dict:
     """Untouched heads whose BOS mass moved by more than `threshold`, split into heads outside the targeted
-    columns and the listed frozen heads inside them, plus counts per head-index column."""
+    columns and the listed frozen heads inside them, plus counts per head-index column. The summary (the
+    paper's Tables 5-6): mean and worst |delta BOS mass| of the drifted heads and of all untouched heads."""
     frozen_set = set(frozen)
     target_cols = {h for _, h in targets}
     delta = after.bos_mass - before.bos_mass
@@ -175,6 +177,7 @@ def drift(before: HeadReport, after: HeadReport, targets: list[Head], frozen: li
         else:
             other.append(item)
     untouched = untouched_mask(delta.shape, targets)
+    magnitude = np.abs(delta)
     return {
         "threshold": threshold,
         "untouched_heads": int(untouched.sum()),
@@ -183,8 +186,19 @@ def drift(before: HeadReport, after: HeadReport, targets: list[Head], frozen: li
         "frozen_in_target_columns": frozen_drift,
         "other_in_target_columns": other,
         "per_column": [int(x) for x in moved.sum(axis=0)],
-        "max_abs_delta": float(np.abs(delta[untouched]).max()) if untouched.any() else 0.0,
+        "max_abs_delta": _max(magnitude[untouched]),
+        "mean_abs_delta": _mean(magnitude[untouched]),
+        "drifted_max_abs_delta": _max(magnitude[moved]),
+        "drifted_mean_abs_delta": _mean(magnitude[moved]),
     }
+
+
+def _max(values: np.ndarray) -> float:
+    return float(values.max()) if values.size else 0.0
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else 0.0
 
 
 def iatrogenic(before: HeadReport, after: HeadReport, targets: list[Head]) -> list[str]:
@@ -196,8 +210,8 @@ def iatrogenic(before: HeadReport, after: HeadReport, targets: list[Head]) -> li
 
 
 @torch.no_grad()
-def mlp_dormancy(model, adapter: BloomAdapter, token_ids: list[list[int]], pad_id: int, threshold: float,
-                 batch_size: int = 8) -> list[float]:
+def mlp_activation_dormancy(model, adapter: BloomAdapter, token_ids: list[list[int]], pad_id: int, threshold: float,
+                            batch_size: int = 8) -> list[float]:
     """Per layer: share of MLP hidden units whose |GeLU output| never exceeds `threshold` on the prompts."""
     device = next(model.parameters()).device
     blocks = adapter.blocks(model)
@@ -219,6 +233,22 @@ def mlp_dormancy(model, adapter: BloomAdapter, token_ids: list[list[int]], pad_i
         for handle in handles:
             handle.remove()
     return [float((p <= threshold).float().mean()) if p is not None else 0.0 for p in peaks]
+
+
+
+
+@torch.no_grad()
+def mlp_unit_strengths(model, adapter: BloomAdapter) -> list[torch.Tensor]:
+    """Per layer, per MLP unit: ||its input row of dense_h_to_4h|| x ||its output column of dense_4h_to_h||."""
+    mlps = [block.mlp for block in adapter.blocks(model)]
+    return [(m.dense_h_to_4h.weight.float().norm(dim=1) * m.dense_4h_to_h.weight.float().norm(dim=0)).cpu()
+            for m in mlps]
+
+
+def mlp_weight_dormancy(model, adapter: BloomAdapter, threshold: float = 0.01) -> list[int]:
+    """Per layer: MLP units dormant as the paper defines it, unit strength (`mlp_unit_strengths`) below
+    `threshold`: a unit that reads or writes almost nothing, whatever the data."""
+    return [int((strength < threshold).sum()) for strength in mlp_unit_strengths(model, adapter)]
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from .atomic import atomic_write_text
 from .corpus import CorpusSpec, PackedCorpus, load_corpus
 from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from .errors import InputError
-from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss, mlp_dormancy,
-                       perplexity, prompt_loss, recovery)
+from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss,
+                       mlp_activation_dormancy, mlp_weight_dormancy, perplexity, prompt_loss, recovery)
 from .events import EvalMetrics, Notice, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
 from .function import function_baseline, working_notice
 from .model import model_identity
@@ -99,14 +99,16 @@ class SurgeryJob:
 
 def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, settings: EvalSettings, *,
             prompts: list[str], seed: int) -> dict[str, Any]:
-    """The model-level numbers compared before and after surgery."""
+    """The model-level numbers compared before and after surgery. MLP dormancy twice: `mlp_dormancy` by
+    activation (share of units per layer), `mlp_weight_dormancy` by weight norms (units per layer, the paper's)."""
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return {
         "heldout_ppl": perplexity(mean_loss(loaded.model, eval_blocks, settings.batch_size)),
         "prompt_ppl": perplexity(prompt_loss(loaded.model, prompts_ids, pad, settings.batch_size)),
-        "mlp_dormancy": mlp_dormancy(loaded.model, loaded.adapter, prompts_ids, pad, settings.dormancy_threshold,
-                                     settings.batch_size),
+        "mlp_dormancy": mlp_activation_dormancy(loaded.model, loaded.adapter, prompts_ids, pad,
+                                                settings.dormancy_threshold, settings.batch_size),
+        "mlp_weight_dormancy": mlp_weight_dormancy(loaded.model, loaded.adapter, settings.weight_dormancy_threshold),
         "completions": completions(loaded.model, tok, prompts, settings, seed) if settings.completion_prompts else [],
     }
 
@@ -285,6 +287,8 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         "cancelled": False,
         "function_before": ctx.function,
         "mlp_dormancy": {"before": measured_before["mlp_dormancy"], "after": surgery["measured"]["mlp_dormancy"]},
+        "mlp_weight_dormancy": {"before": measured_before["mlp_weight_dormancy"],
+                                "after": surgery["measured"]["mlp_weight_dormancy"]},
         "completions": {"before": measured_before["completions"], "after": surgery["measured"]["completions"]},
         "diagnosis_before": before.to_json(),
     }

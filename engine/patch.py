@@ -102,9 +102,53 @@ def apply_head_tensors(model, adapter: BloomAdapter, tensors: dict[str, torch.Te
     return sorted(heads)
 
 
+def _config_file(model) -> Path | None:
+    """config.json of the directory, or the hub cache entry, the model was loaded from."""
+    source = str(getattr(model, "name_or_path", "") or "")
+    if not source:
+        return None
+    local = Path(source) / "config.json"
+    if local.is_file():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json", revision=getattr(model.config, "_commit_hash", None))
+    except ValueError:  # not a hub id either
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def stored_dtype(model) -> torch.dtype | None:
+    """The dtype the base checkpoint's config.json names (`dtype`, or the older `torch_dtype`); None when it
+    cannot be told."""
+    path = _config_file(model)
+    try:
+        config = json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return None
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _save_in_dtype(model, directory: Path, dtype: torch.dtype | None) -> None:
+    """save_pretrained with the weights (and config `dtype`) in `dtype`; the model itself is left as it is."""
+    if dtype is None or dtype == model.dtype:
+        model.save_pretrained(directory)
+        return
+    cast: dict[int, torch.Tensor] = {}  # one cast per storage, so tied weights stay tied (and are saved once)
+    state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) for k, v in model.state_dict().items()}
+    model.save_pretrained(directory, state_dict=state)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained into a temporary sibling directory, then rename it into place. On failure the
-    temporary directory is removed and nothing is left at `out_dir`."""
+    """save_pretrained into a temporary sibling directory, then rename it into place, in the base checkpoint's
+    dtype (a bf16 base run in fp32 on CPU is written as bf16). On failure the temporary directory is removed
+    and nothing is left at `out_dir`."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"export directory {str(out)!r} is not empty: choose a new directory")
@@ -112,7 +156,7 @@ def export_model(model, tokenizer, out_dir: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        model.save_pretrained(tmp)
+        _save_in_dtype(model, tmp, stored_dtype(model))
         tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()

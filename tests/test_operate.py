@@ -50,6 +50,7 @@ def test_job_writes_history_recovery_patch_and_report(planted_dir, corpus_file, 
     assert all(e["bos_mass_before"] > 0.95 > e["bos_mass"] for e in rec["per_head"].values())
     assert report["drift"]["untouched_heads"] == 3 * 4 - 2
     assert len(report["mlp_dormancy"]["after"]) == 3 and len(report["completions"]["after"]) == 1
+    assert len(report["mlp_weight_dormancy"]["before"]) == 3 and len(report["mlp_weight_dormancy"]["after"]) == 3
     assert json.loads((tmp_path / REPORT_FILE).read_text())["schema_version"] == 1
     steps = sink.of(StepMetrics)
     assert [e.step for e in steps] == [1, 2, 3, 4] and all(e.loss > 0 for e in steps)
