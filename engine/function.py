@@ -37,27 +37,40 @@ def function_baseline(loaded, before: HeadReport, targets: list[Head], blocks: t
     ref = ablation_deltas(model, adapter, reference, blocks, settings.batch_size, base_loss)
     median = float(np.median(list(ref.values()))) if ref else float("nan")
     threshold = settings.functional_share * median if median > 0 else settings.ablation_min_delta
-    deltas = ablation_deltas(model, adapter, targets, blocks, settings.batch_size, base_loss)
-    per_target = {}
-    for l, h in targets:
-        delta = deltas[key((l, h))]
-        per_target[key((l, h))] = {"ablation_delta": delta, "contribution": float(before.contribution[l, h]),
-                                   "class": str(before.classes[l, h]), "functional": bool(delta >= threshold)}
-    return {
+    function = {
         "rule": f"ablating the head raises held-out loss by at least {settings.functional_share:g} x the median "
                 f"rise of {len(reference)} healthy heads (measured before the operation)",
         "reference": {"heads": [key(h) for h in reference], "median_ablation_delta": median,
                       "share": settings.functional_share, "threshold": threshold},
-        "targets": per_target,
-        "working": [k for k, v in per_target.items() if v["functional"]],
+        "targets": {}, "working": [],
     }
+    add_targets(function, loaded, before, targets, blocks, settings, base_loss)
+    return function
 
 
-def working_notice(function: dict[str, Any]) -> str | None:
+@torch.no_grad()
+def add_targets(function: dict[str, Any], loaded, before: HeadReport, targets: list[Head], blocks: torch.Tensor,
+                settings: EvalSettings, base_loss: float | None = None) -> list[str]:
+    """Measure more targets against the same threshold (a second pass's, resolved later); `loaded` must
+    hold the base model. Returns the new targets that were doing measurable work."""
+    threshold = function["reference"]["threshold"]
+    new = [t for t in targets if key(t) not in function["targets"]]
+    deltas = ablation_deltas(loaded.model, loaded.adapter, new, blocks, settings.batch_size, base_loss)
+    working = []
+    for l, h in new:
+        delta = deltas[key((l, h))]
+        function["targets"][key((l, h))] = {"ablation_delta": delta, "contribution": float(before.contribution[l, h]),
+                                            "class": str(before.classes[l, h]), "functional": bool(delta >= threshold)}
+        if delta >= threshold:
+            working.append(key((l, h)))
+    function["working"] += working
+    return working
+
+
+def working_notice(working: list[str], of: int) -> str | None:
     """A warning (never a refusal) when targets were doing measurable work before the operation."""
-    working = function["working"]
     if not working:
         return None
     shown = ", ".join(working[:8]) + ("…" if len(working) > 8 else "")
-    return (f"{len(working)} of {len(function['targets'])} targets were doing measurable work before the operation "
+    return (f"{len(working)} of {of} targets were doing measurable work before the operation "
             f"({shown}): re-initialising them may cost function; a sham control arm tells what it buys")

@@ -25,7 +25,7 @@ from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss,
                        mlp_activation_dormancy, mlp_weight_dormancy, perplexity, prompt_loss, recovery)
 from .events import EvalMetrics, Notice, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
-from .function import function_baseline, working_notice
+from .function import add_targets, function_baseline, working_notice
 from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
 from .prompts import load_prompts
@@ -52,12 +52,21 @@ class SurgeryJob:
     heldout_frac: float = 0.05
     diagnosis: DiagnosisSettings | None = None  # None: defaults with the evaluation's thresholds
     control: str | None = None  # "sham": the same plans again from the base, without re-init or zeroing
+    # a last pass whose specs name heads by class or statistic: resolved against a diagnosis of the model the
+    # passes before it leave (their best checkpoints), as the paper built its pass 2. Keys as SurgeryPlan.to_dict.
+    deferred: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.plans:
             raise InputError("a surgery job needs at least one plan")
         if self.control not in (None, "sham"):
             raise InputError(f"unknown control arm {self.control!r}: the control arm is sham")
+        if self.deferred is not None:
+            from .spec import check_syntax
+
+            for field_name in ("targets", "frozen"):
+                if self.deferred.get(field_name):
+                    check_syntax(self.deferred[field_name])
         if self.diagnosis is None:
             self.diagnosis = DiagnosisSettings(thresholds=self.evaluation.thresholds)
         self.evaluation.thresholds = self.diagnosis.thresholds  # one set of class boundaries for the whole job
@@ -74,7 +83,7 @@ class SurgeryJob:
         ev = asdict(self.evaluation)
         return {"plans": [p.to_dict() for p in self.plans], "corpus": asdict(self.corpus), "train": asdict(self.train),
                 "evaluation": ev, "heldout_frac": self.heldout_frac, "diagnosis": self.diagnosis.to_dict(),
-                "control": self.control}
+                "control": self.control, "deferred": self.deferred}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], adapter, sick=None, report=None) -> "SurgeryJob":
@@ -92,6 +101,7 @@ class SurgeryJob:
                 heldout_frac=float(data.get("heldout_frac", 0.05)),
                 diagnosis=DiagnosisSettings.from_dict(diag) if diag is not None else None,
                 control=data.get("control"),
+                deferred=data.get("deferred"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed surgery job ({exc}): the file is damaged or from another version") from exc
@@ -140,6 +150,15 @@ class _Job:
         self.meta = {"base_model": self.identity, "job": job.to_dict()}
         self.corpus: PackedCorpus | None = None
         self.function: dict[str, Any] | None = None
+        self.plans = list(job.plans)  # resolved so far (a deferred last pass joins once resolved)
+
+    @property
+    def targets(self) -> list[tuple[int, int]]:
+        return sorted({t for p in self.plans for t in p.targets})
+
+    @property
+    def frozen(self) -> list[tuple[int, int]]:
+        return sorted({f for p in self.plans for f in p.frozen} - set(self.targets))
 
     @property
     def eval_blocks(self) -> torch.Tensor:
@@ -153,12 +172,12 @@ class _Job:
         return measure(self.loaded, self.prompt_ids, self.eval_blocks, self.job.evaluation, prompts=self.prompts,
                        seed=self.job.train.seed)
 
-    def run_passes(self, plans: list[SurgeryPlan], prefix: str) -> _Arm:
+    def run_passes(self, plans: list[SurgeryPlan], prefix: str, first: int = 1) -> _Arm:
         """Every pass of one arm, each from the previous one's best checkpoint; passes a resumed run
         already finished are taken from their checkpoints."""
         loaded, arm = self.loaded, _Arm([], {})
-        for i, plan in enumerate(plans):
-            name = f"{prefix}-{i + 1}"
+        for i, plan in enumerate(plans, start=first):
+            name = f"{prefix}-{i}"
             pass_dir = self.out / "checkpoints" / name
             if self.resume and (pass_dir / DONE_FILE).is_file():
                 done = json.loads((pass_dir / DONE_FILE).read_text())
@@ -188,7 +207,7 @@ class _Job:
 
     def judge(self, arm: _Arm, before: HeadReport, patch_file: str) -> dict[str, Any]:
         """Save the arm's patch and measure the model it leaves (the model holds base + that patch)."""
-        loaded, job, targets = self.loaded, self.job, self.job.targets
+        loaded, job, targets = self.loaded, self.job, self.targets
         save_patch(self.out / patch_file, arm.tensors,
                    {**self.meta, "heads": format_heads(parse_tensor_name(k)[:2] for k in arm.tensors)})
         after = diagnose(loaded, self.prompts, job.diagnosis)
@@ -197,7 +216,37 @@ class _Job:
                 "passes": [p.to_dict() for p in arm.passes], "history": [pt for p in arm.passes for pt in p.history],
                 "recovery": recovery(after, targets, deltas, job.evaluation, before, self.function),
                 "iatrogenic": iatrogenic(before, after, targets),
-                "drift": drift(before, after, targets, job.frozen, job.evaluation.drift_threshold)}
+                "drift": drift(before, after, targets, self.frozen, job.evaluation.drift_threshold)}
+
+    def resolve_deferred(self, before: HeadReport, base_slices: dict[str, torch.Tensor]) -> SurgeryPlan | None:
+        """The deferred pass's plan, resolved against a diagnosis of the model as the passes so far left it;
+        its new targets' function is measured on the base, like the others'. None when it names no head."""
+        loaded, job, spec = self.loaded, self.job, self.job.deferred
+        name = f"pass-{len(self.plans) + 1}"
+        self.sink.emit(PhaseChanged(name, f"diagnosing the model pass {len(self.plans)} left, to resolve "
+                                          f"{spec['targets']!r}"))
+        now = diagnose(loaded, self.prompts, job.diagnosis)
+        try:
+            plan = SurgeryPlan.from_dict(spec, loaded.adapter, report=now)
+        except InputError as exc:
+            if "no target heads" not in str(exc):
+                raise
+            self.sink.emit(Notice(f"{name}: {spec['targets']!r} names no head once pass {len(self.plans)} is done; "
+                                  "skipped"))
+            return None
+        self.sink.emit(PhaseChanged(name, f"{spec['targets']!r} is {format_heads(plan.targets)} after pass "
+                                          f"{len(self.plans)}"))
+        fresh = [t for t in plan.targets if t not in self.targets]
+        base_slices.update(read_head_tensors(loaded.model, loaded.adapter, fresh))  # still the base's values
+        passed = read_head_tensors(loaded.model, loaded.adapter, self.targets)
+        apply_head_tensors(loaded.model, loaded.adapter, base_slices)  # their function is measured on the base
+        working = add_targets(self.function, loaded, before, fresh, self.ablation_blocks, job.evaluation)
+        apply_head_tensors(loaded.model, loaded.adapter, passed)
+        notice = working_notice(working, len(fresh))
+        if notice:
+            self.sink.emit(Notice(notice))
+        self.plans.append(plan)
+        return plan
 
 
 def _ppl(measured_before: dict[str, Any], measured_after: dict[str, Any]) -> dict[str, float]:
@@ -253,23 +302,31 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         return {"cancelled": True, "passes": [], "run_dir": str(out)}
     before = before.with_thresholds(dsettings.thresholds)
     measured_before = ctx.measure()
-    ctx.function = function_baseline(loaded, before, job.targets, ctx.ablation_blocks, job.evaluation, tconf.seed)
-    sink.emit(before_point(before, measured_before["heldout_ppl"], job.targets))
-    notice = working_notice(ctx.function)
+    ctx.function = function_baseline(loaded, before, ctx.targets, ctx.ablation_blocks, job.evaluation, tconf.seed)
+    sink.emit(before_point(before, measured_before["heldout_ppl"], ctx.targets))
+    notice = working_notice(ctx.function["working"], len(ctx.targets))
     if notice:
         sink.emit(Notice(notice))
-    base_slices = read_head_tensors(loaded.model, loaded.adapter, job.targets)
+    base_slices = read_head_tensors(loaded.model, loaded.adapter, ctx.targets)
 
     arm = ctx.run_passes(job.plans, "pass")
     if arm.cancelled:
         return _cancelled(sink, arm, out)
+    if job.deferred:
+        plan = ctx.resolve_deferred(before, base_slices)
+        if plan is not None:
+            last = ctx.run_passes([plan], "pass", first=len(ctx.plans))
+            arm.passes += last.passes
+            arm.tensors.update(last.tensors)
+            if last.cancelled:
+                return _cancelled(sink, arm, out)
     sink.emit(PhaseChanged("evaluate", "measuring the repaired model"))
     surgery = ctx.judge(arm, before, PATCH_FILE)
     surgery["ppl"] = _ppl(measured_before, surgery["measured"])
     control = None
     if job.control:
         apply_head_tensors(loaded.model, loaded.adapter, base_slices)  # the control starts from the base too
-        sham_arm = ctx.run_passes([sham(p) for p in job.plans], "control-pass")
+        sham_arm = ctx.run_passes([sham(p) for p in ctx.plans], "control-pass")  # the surgery's resolved plans
         if sham_arm.cancelled:
             return _cancelled(sink, sham_arm, out)
         sink.emit(PhaseChanged("evaluate", "measuring the sham control"))

@@ -78,7 +78,8 @@ class JobInputs:
     def from_job(cls, job: dict[str, Any], **overrides: Any) -> "JobInputs":
         """The inputs a recorded job came from (targets as recorded): `o` on a loaded session keeps every
         setting the dialog does not show."""
-        plans, train = job.get("plans") or [{}], job.get("train", {})
+        plans = list(job.get("plans") or [{}]) + ([job["deferred"]] if job.get("deferred") else [])
+        train = job.get("train", {})
         corpus, ev = job.get("corpus", {}), job.get("evaluation", {})
         diag = job.get("diagnosis") or {"thresholds": ev.get("thresholds", {})}
         th = diag.get("thresholds", {})
@@ -140,7 +141,7 @@ class JobInputs:
         """True when a spec names heads by class or statistic (`sick`, `bos>0.3`), which a diagnosis resolves."""
         from .spec import needs_report
 
-        return any(needs_report(s) for pair in self.specs() for s in pair)
+        return any(needs_report(s) for s in self.specs()[0])  # a second pass resolves during the run
 
     def check(self) -> None:
         """Every check that needs no model: specs' syntax, numbers, corpus readable, prompts readable."""
@@ -158,17 +159,25 @@ class JobInputs:
 
     def build_job(self, adapter, report=None):
         """The job for a loaded model; `report` (its diagnosis with these inputs' settings) resolves class
-        words and predicates."""
+        words and predicates of the first pass. A second pass that names heads by class or statistic is
+        kept as written and resolved against the model the first pass leaves, as the paper built its pass 2."""
         from .evaluate import EvalSettings
         from .operation import SurgeryJob
+        from .spec import needs_report
         from .surgery import SurgeryPlan
 
-        plans = [SurgeryPlan.from_specs(t, f, adapter, report=report, init=self.init, seed=self.seed + i)
-                 for i, (t, f) in enumerate(self.specs())]
+        first, *rest = self.specs()
+        plans = [SurgeryPlan.from_specs(*first, adapter, report=report, init=self.init, seed=self.seed)]
+        deferred = None
+        for targets, frozen in rest:
+            if needs_report(targets) or needs_report(frozen):
+                deferred = {"targets": targets, "frozen": frozen or "", "init": self.init, "seed": self.seed + 1}
+            else:
+                plans.append(SurgeryPlan.from_specs(targets, frozen, adapter, init=self.init, seed=self.seed + 1))
         diagnosis = self.diagnosis_settings()
         evaluation = EvalSettings(thresholds=diagnosis.thresholds, completion_prompts=self.completions)
         return SurgeryJob(plans, self.corpus_spec(), self.train_config(), evaluation, diagnosis=diagnosis,
-                          control=self.control)
+                          control=self.control, deferred=deferred)
 
 
 JOB_DEFAULTS = {f.name: f.default for f in fields(JobInputs)}  # the CLI's flags and the workbench's dialog start here

@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import PLANTED
 
-from engine.events import EvalMetrics, ListSink, Notice
+from engine.events import EvalMetrics, ListSink, Notice, PhaseChanged
 from engine.model import load_model
 from engine.operation import CONTROL_PATCH_FILE, PATCH_FILE, SurgeryJob, run_job
 from engine.patch import apply_head_tensors, load_patch
 from engine.prompts import builtin_prompts
+from engine.spec import format_heads
 from engine.workflow import JobInputs
 
 
@@ -98,3 +99,21 @@ def test_function_is_judged_against_healthy_heads_and_a_reinitialised_head_has_n
     assert rec["lost_function"] == ["0.0"] and rec["functional"] == 0
     notices = sink.of(Notice)
     assert len(notices) == 1 and "doing measurable work" in notices[0].message and "0.0" in notices[0].message
+
+
+def test_a_second_pass_named_by_class_resolves_against_the_first_pass_best_model(planted_dir, corpus, tmp_path):
+    """Pass 1 re-initialises L0.H3; pass 2 is `sick`. Against the stock model that would be both planted
+    heads again; against the model pass 1 left it is L2.H1 alone."""
+    loaded = load_model(str(planted_dir), device="cpu")
+    inputs = JobInputs(targets="0.3", pass2_targets="sick", corpus=str(corpus), steps=2, eval_every=1, seq_len=32,
+                       grad_accum=2, lr=1e-2, completions=0, eval_blocks=4)
+    job = inputs.build_job(loaded.adapter)
+    assert [format_heads(p.targets) for p in job.plans] == ["0.3"] and job.deferred["targets"] == "sick"
+    assert not inputs.needs_diagnosis()  # only the first pass needs one before the run
+    job.evaluation.ablation_blocks = 2
+    sink = ListSink()
+    report = run_job(loaded, job, tmp_path, sink=sink)
+    assert [p["plan"]["targets"] for p in report["passes"]] == ["0.3", "2.1"]
+    assert report["recovery"]["targets"] == 2 and set(report["function_before"]["targets"]) == {"0.3", "2.1"}
+    assert report["job"]["deferred"]["targets"] == "sick"  # the job keeps what was asked
+    assert any("'sick' is 2.1 after pass 1" in e.detail for e in sink.of(PhaseChanged))
