@@ -41,6 +41,15 @@ OPERATION_SCHEMA_VERSION = 1
 DONE_FILE = "done.json"
 
 
+def plan_targets(plans: list[SurgeryPlan]) -> list[tuple[int, int]]:
+    return sorted({t for p in plans for t in p.targets})
+
+
+def plan_frozen(plans: list[SurgeryPlan]) -> list[tuple[int, int]]:
+    """Heads some plan keeps frozen and none operates on."""
+    return sorted({f for p in plans for f in p.frozen} - set(plan_targets(plans)))
+
+
 @dataclass
 class SurgeryJob:
     """Everything that defines a surgery run, as recorded in sessions and patches."""
@@ -73,11 +82,11 @@ class SurgeryJob:
 
     @property
     def targets(self) -> list[tuple[int, int]]:
-        return sorted({t for p in self.plans for t in p.targets})
+        return plan_targets(self.plans)
 
     @property
     def frozen(self) -> list[tuple[int, int]]:
-        return sorted({f for p in self.plans for f in p.frozen} - set(self.targets))
+        return plan_frozen(self.plans)
 
     def to_dict(self) -> dict[str, Any]:
         ev = asdict(self.evaluation)
@@ -154,11 +163,11 @@ class _Job:
 
     @property
     def targets(self) -> list[tuple[int, int]]:
-        return sorted({t for p in self.plans for t in p.targets})
+        return plan_targets(self.plans)
 
     @property
     def frozen(self) -> list[tuple[int, int]]:
-        return sorted({f for p in self.plans for f in p.frozen} - set(self.targets))
+        return plan_frozen(self.plans)
 
     @property
     def eval_blocks(self) -> torch.Tensor:
