@@ -13,7 +13,7 @@ import torch
 from .arch import BloomAdapter, base_model
 from .diagnosis import right_padded_batches
 from .loss import causal_lm_loss
-from .report import HEALTHY, HeadReport, Thresholds
+from .report import HEALTHY, SICK, HeadReport, Thresholds
 
 Head = tuple[int, int]
 
@@ -27,6 +27,7 @@ class EvalSettings:
     ablation_min_delta: float = 1e-4  # nats: the functional threshold when healthy heads measure no effect
     functional_share: float = 0.25  # functional: ablation raises loss by >= this x the healthy heads' median
     reference_heads: int = 16  # healthy heads ablated before the operation for that median
+    verdict_tolerance: float = 0.005  # surgery and control perplexities within this relative gap tie
     ablation_blocks: int = 4
     drift_threshold: float = 0.05  # |delta BOS mass| of an untouched head that counts as drift
     dormancy_threshold: float = 1e-3  # activation dormancy: an MLP unit whose max |activation| stays below this
@@ -202,11 +203,11 @@ def _mean(values: np.ndarray) -> float:
 
 
 def iatrogenic(before: HeadReport, after: HeadReport, targets: list[Head]) -> list[str]:
-    """Heads that were healthy before and are sick after, outside the targets."""
+    """Heads that were healthy before and are sick (BOS-sink or dead) after, outside the targets."""
     b, a = before.classes, after.classes
     target_set = set(targets)
     return [key((l, h)) for l in range(before.n_layer) for h in range(before.n_head)
-            if (l, h) not in target_set and b[l, h] == HEALTHY and a[l, h] != HEALTHY]
+            if (l, h) not in target_set and b[l, h] == HEALTHY and a[l, h] in SICK]
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrog
                        mlp_activation_dormancy, mlp_weight_dormancy, perplexity, prompt_loss, recovery)
 from .events import EvalMetrics, Notice, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
 from .function import add_targets, function_baseline, working_notice
+from .fastpath import fast_kernels
+from .runview import CONTROL_PREFIX
 from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
 from .prompts import load_prompts
@@ -70,6 +72,8 @@ class SurgeryJob:
             raise InputError("a surgery job needs at least one plan")
         if self.control not in (None, "sham"):
             raise InputError(f"unknown control arm {self.control!r}: the control arm is sham")
+        if any(p.init == "none" for p in self.plans):
+            raise InputError("a plan with init 'none' is a sham: ask for it with the control arm (--control sham)")
         if self.deferred is not None:
             from .spec import check_syntax
 
@@ -117,14 +121,19 @@ class SurgeryJob:
 
 
 def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, settings: EvalSettings, *,
-            prompts: list[str], seed: int) -> dict[str, Any]:
-    """The model-level numbers compared before and after surgery. MLP dormancy twice: `mlp_dormancy` by
-    activation (share of units per layer), `mlp_weight_dormancy` by weight norms (units per layer, the paper's)."""
+            prompts: list[str], seed: int, fast: bool = True) -> dict[str, Any]:
+    """The model-level numbers compared before and after surgery. Perplexities go through the same kernels
+    as the evaluation points during training (`fast`: SDPA attention, fused GeLU), so in bf16 the before,
+    every point and the after are one measurement. MLP dormancy twice: `mlp_dormancy` by activation (share
+    of units per layer), `mlp_weight_dormancy` by weight norms (units per layer, the paper's)."""
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with fast_kernels(loaded.model, loaded.adapter, fast):
+        heldout = perplexity(mean_loss(loaded.model, eval_blocks, settings.batch_size))
+        prompt = perplexity(prompt_loss(loaded.model, prompts_ids, pad, settings.batch_size))
     return {
-        "heldout_ppl": perplexity(mean_loss(loaded.model, eval_blocks, settings.batch_size)),
-        "prompt_ppl": perplexity(prompt_loss(loaded.model, prompts_ids, pad, settings.batch_size)),
+        "heldout_ppl": heldout,
+        "prompt_ppl": prompt,
         "mlp_dormancy": mlp_activation_dormancy(loaded.model, loaded.adapter, prompts_ids, pad,
                                                 settings.dormancy_threshold, settings.batch_size),
         "mlp_weight_dormancy": mlp_weight_dormancy(loaded.model, loaded.adapter, settings.weight_dormancy_threshold),
@@ -177,9 +186,14 @@ class _Job:
     def ablation_blocks(self) -> torch.Tensor:
         return self.corpus.heldout[: max(self.job.evaluation.ablation_blocks, 1)]
 
+    @property
+    def fast(self) -> bool:
+        """The kernels the training loop evaluates with: every loss of the job goes through the same ones."""
+        return self.job.train.attention == "sdpa"
+
     def measure(self) -> dict[str, Any]:
         return measure(self.loaded, self.prompt_ids, self.eval_blocks, self.job.evaluation, prompts=self.prompts,
-                       seed=self.job.train.seed)
+                       seed=self.job.train.seed, fast=self.fast)
 
     def run_passes(self, plans: list[SurgeryPlan], prefix: str, first: int = 1) -> _Arm:
         """Every pass of one arm, each from the previous one's best checkpoint; passes a resumed run
@@ -220,7 +234,9 @@ class _Job:
         save_patch(self.out / patch_file, arm.tensors,
                    {**self.meta, "heads": format_heads(parse_tensor_name(k)[:2] for k in arm.tensors)})
         after = diagnose(loaded, self.prompts, job.diagnosis)
-        deltas = ablation_deltas(loaded.model, loaded.adapter, targets, self.ablation_blocks, job.evaluation.batch_size)
+        with fast_kernels(loaded.model, loaded.adapter, self.fast):
+            deltas = ablation_deltas(loaded.model, loaded.adapter, targets, self.ablation_blocks,
+                                     job.evaluation.batch_size)
         return {"patch": patch_file, "after": after, "measured": self.measure(),
                 "passes": [p.to_dict() for p in arm.passes], "history": [pt for p in arm.passes for pt in p.history],
                 "recovery": recovery(after, targets, deltas, job.evaluation, before, self.function),
@@ -249,7 +265,8 @@ class _Job:
         base_slices.update(read_head_tensors(loaded.model, loaded.adapter, fresh))  # still the base's values
         passed = read_head_tensors(loaded.model, loaded.adapter, self.targets)
         apply_head_tensors(loaded.model, loaded.adapter, base_slices)  # their function is measured on the base
-        working = add_targets(self.function, loaded, before, fresh, self.ablation_blocks, job.evaluation)
+        with fast_kernels(loaded.model, loaded.adapter, self.fast):
+            working = add_targets(self.function, loaded, before, fresh, self.ablation_blocks, job.evaluation)
         apply_head_tensors(loaded.model, loaded.adapter, passed)
         notice = working_notice(working, len(fresh))
         if notice:
@@ -263,27 +280,29 @@ def _ppl(measured_before: dict[str, Any], measured_after: dict[str, Any]) -> dic
             "prompts_before": measured_before["prompt_ppl"], "prompts_after": measured_after["prompt_ppl"]}
 
 
-def _best_ppl(passes: list[dict[str, Any]]) -> float:
-    values = [p["heldout_ppl"] for q in passes for p in q["history"] if p["step"] > 0 and p["heldout_ppl"] is not None]
-    return min(values) if values else math.nan
+def _last_ppl(passes: list[dict[str, Any]]) -> float:
+    """Held-out perplexity at the last evaluation point of the last pass (where training ended)."""
+    points = [p for p in (passes[-1]["history"] if passes else []) if p["heldout_ppl"] is not None]
+    return points[-1]["heldout_ppl"] if points else math.nan
 
 
 def verdict(surgery: dict[str, Any], control: dict[str, Any], tolerance: float = 0.005) -> dict[str, Any]:
-    """Held-out perplexity of the surgery against its sham control, at the end and at each arm's best
-    evaluation point; within `tolerance` (relative) they tie."""
+    """Held-out perplexity of the surgery against its sham control: of the checkpoint each arm keeps (its
+    lowest held-out perplexity, selected on these same blocks) and at its last evaluation point; within
+    `tolerance` (relative) they tie."""
     def lower(a: float, b: float) -> str:
         if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) <= tolerance * min(a, b):
             return "tie"
         return "surgery" if a < b else "control"
 
-    end = {"surgery": surgery["ppl"]["heldout_after"], "control": control["ppl"]["heldout_after"]}
-    best = {"surgery": _best_ppl(surgery["passes"]), "control": _best_ppl(control["passes"])}
-    out = {"heldout_ppl_end": end, "heldout_ppl_best": best, "lower_at_end": lower(end["surgery"], end["control"]),
-           "lower_at_best": lower(best["surgery"], best["control"])}
-    who = {"tie": "a tie (within 0.5%)", "surgery": "the surgery lower", "control": "the control lower"}
-    out["text"] = (f"held-out ppl {surgery['ppl']['heldout_before']:.2f} -> surgery {end['surgery']:.2f}, sham control "
-                   f"{end['control']:.2f}: {who[out['lower_at_end']]}; best points {best['surgery']:.2f} vs "
-                   f"{best['control']:.2f}: {who[out['lower_at_best']]}")
+    kept = {"surgery": surgery["ppl"]["heldout_after"], "control": control["ppl"]["heldout_after"]}
+    last = {"surgery": _last_ppl(surgery["passes"]), "control": _last_ppl(control["passes"])}
+    out = {"heldout_ppl_kept": kept, "heldout_ppl_last": last, "tolerance": tolerance,
+           "lower_kept": lower(kept["surgery"], kept["control"]), "lower_last": lower(last["surgery"], last["control"])}
+    who = {"tie": f"a tie (within {100 * tolerance:g}%)", "surgery": "the surgery lower", "control": "the control lower"}
+    out["text"] = (f"held-out ppl {surgery['ppl']['heldout_before']:.2f} -> kept checkpoints: surgery "
+                   f"{kept['surgery']:.2f}, sham control {kept['control']:.2f} ({who[out['lower_kept']]}); last points "
+                   f"{last['surgery']:.2f} vs {last['control']:.2f} ({who[out['lower_last']]})")
     return out
 
 
@@ -311,7 +330,9 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         return {"cancelled": True, "passes": [], "run_dir": str(out)}
     before = before.with_thresholds(dsettings.thresholds)
     measured_before = ctx.measure()
-    ctx.function = function_baseline(loaded, before, ctx.targets, ctx.ablation_blocks, job.evaluation, tconf.seed)
+    with fast_kernels(loaded.model, loaded.adapter, ctx.fast):
+        ctx.function = function_baseline(loaded, before, ctx.targets, ctx.ablation_blocks, job.evaluation,
+                                         tconf.seed)
     sink.emit(before_point(before, measured_before["heldout_ppl"], ctx.targets))
     notice = working_notice(ctx.function["working"], len(ctx.targets))
     if notice:
@@ -335,7 +356,7 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
     control = None
     if job.control:
         apply_head_tensors(loaded.model, loaded.adapter, base_slices)  # the control starts from the base too
-        sham_arm = ctx.run_passes([sham(p) for p in ctx.plans], "control-pass")  # the surgery's resolved plans
+        sham_arm = ctx.run_passes([sham(p) for p in ctx.plans], f"{CONTROL_PREFIX}pass")  # the surgery's resolved plans
         if sham_arm.cancelled:
             return _cancelled(sink, sham_arm, out)
         sink.emit(PhaseChanged("evaluate", "measuring the sham control"))
@@ -360,7 +381,7 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
     }
     if control is not None:
         report["control"] = {"arm": job.control, **_arm_fields(control)}
-        report["verdict"] = verdict(surgery, control)
+        report["verdict"] = verdict(surgery, control, job.evaluation.verdict_tolerance)
     report = json_safe(report)
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False))
     last = arm.passes[-1] if arm.passes else None

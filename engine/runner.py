@@ -29,6 +29,7 @@ from typing import Any, Callable
 from .atomic import atomic_write_text
 from .errors import HeadSurgeonError, InputError
 from .eventlog import LOG_FILE, EventLog, records_from_the_end
+from .runview import CONTROL_PREFIX
 
 RUN_FILE = "run.json"
 LOCK_FILE = "runner.lock"
@@ -159,7 +160,8 @@ def run_state(run_dir: str | Path) -> RunStatus:
             total = r["total_steps"] if total is None else total
         elif kind == "resumed" and step is None:
             step = r["step"]
-        elif kind == "eval" and ppl is None and r.get("heldout_ppl") is not None:
+        elif kind == "eval" and ppl is None and r.get("heldout_ppl") is not None \
+                and not str(r.get("label", "")).startswith(CONTROL_PREFIX):  # the surgery's, not its control's
             ppl = r["heldout_ppl"]
         if decided and None not in (step, total, ppl):
             break

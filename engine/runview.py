@@ -12,6 +12,8 @@ from .events import (Checkpoint, EvalMetrics, Event, HeadRecovery, PhaseChanged,
                      RunStarted, StepMetrics)
 from .report import HeadReport
 
+CONTROL_PREFIX = "control-"  # the sham control arm's passes: control-pass-1, ... (engine.operation names them)
+
 
 @dataclass
 class RunHistory:

@@ -49,7 +49,8 @@ def test_the_sham_arm_starts_at_the_base_model_and_changes_only_the_targets(plan
     assert [p["step"] for p in control["history"]] == [p["step"] for p in report["history"]] == [0, 1, 2]
     assert control["recovery"]["targets"] == 2 and "drift" in control and "diagnosis_after" in control
     v = report["verdict"]
-    assert set(v["heldout_ppl_end"]) == {"surgery", "control"} and v["lower_at_end"] in ("surgery", "control", "tie")
+    assert set(v["heldout_ppl_kept"]) == {"surgery", "control"} and v["lower_kept"] in ("surgery", "control", "tie")
+    assert v["heldout_ppl_last"]["control"] == control["history"][-1]["heldout_ppl"]
     assert "sham control" in v["text"]
     labels = {e.label for e in sink.of(EvalMetrics)}
     assert {"before", "pass-1", "control-pass-1"} <= labels
@@ -117,3 +118,17 @@ def test_a_second_pass_named_by_class_resolves_against_the_first_pass_best_model
     assert report["recovery"]["targets"] == 2 and set(report["function_before"]["targets"]) == {"0.3", "2.1"}
     assert report["job"]["deferred"]["targets"] == "sick"  # the job keeps what was asked
     assert any("'sick' is 2.1 after pass 1" in e.detail for e in sink.of(PhaseChanged))
+
+
+def test_the_verdict_on_fixed_numbers():
+    from engine.operation import verdict
+
+    def arm(before, kept, last):
+        return {"ppl": {"heldout_before": before, "heldout_after": kept},
+                "passes": [{"history": [{"step": 0, "heldout_ppl": 99.0}, {"step": 5, "heldout_ppl": last}]}]}
+
+    v = verdict(arm(9.5, 11.1, 11.3), arm(9.5, 9.2, 9.3))
+    assert v["lower_kept"] == v["lower_last"] == "control" and v["heldout_ppl_last"] == {"surgery": 11.3, "control": 9.3}
+    assert verdict(arm(9.5, 9.20, 9.3), arm(9.5, 9.21, 9.3))["lower_kept"] == "tie"  # within 0.5%
+    assert verdict(arm(9.5, 9.0, 9.3), arm(9.5, 9.2, 9.3), tolerance=0.001)["lower_kept"] == "surgery"
+    assert verdict(arm(9.5, float("nan"), 9.3), arm(9.5, 9.2, 9.3))["lower_kept"] == "tie"

@@ -30,6 +30,7 @@ from engine.prompts import load_prompts
 from engine.report import HeadReport
 from engine.report import Thresholds
 from engine.runner import RunSpec, cancel, is_live, list_runs, run_state, session_state
+from engine.runview import CONTROL_PREFIX as CONTROL
 from engine.runview import RunHistory, point_report
 from engine.session import Session
 from engine.spec import format_heads, parse_heads
@@ -59,7 +60,6 @@ def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | No
 
 DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],
                    "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"], "control": False}
-CONTROL = "control-"  # the sham arm's passes are control-pass-1, ...
 SHORT_CLASS = {"bos-sink": "sink", "low-entropy": "low-ent"}
 
 
@@ -107,6 +107,7 @@ class HeadSurgeonApp(App[int]):
         self.history = RunHistory()
         self.after: HeadReport | None = None  # the attached run's final diagnosis, once it has one
         self.verdict: dict | None = None  # surgery vs sham control, once a run with a control arm finished
+        self.final_recovery: dict | None = None  # the finished run's recovery (of its kept checkpoint)
         self.point: int | None = None  # index into history.points while scrubbing
         self.run_state = ""  # running / finished / cancelled / failed / dead of the attached run
         self._reader: LogReader | None = None
@@ -331,6 +332,7 @@ class HeadSurgeonApp(App[int]):
         self._thresholds = Thresholds(**(spec.job.get("diagnosis") or {}).get("thresholds", {}))
         self.attached, self.session = launch, launch.session
         self.history, self.after, self.point, self.run_state, self.verdict = RunHistory(), None, None, "", None
+        self.final_recovery = None
         self._reader = LogReader(launch.run_dir / LOG_FILE)
         if not fresh:
             self.log_line(f"attached to {launch.run_dir}")
@@ -434,8 +436,11 @@ class HeadSurgeonApp(App[int]):
             return
         self.after = HeadReport.from_json(report["diagnosis_after"])
         self.verdict = report.get("verdict")
+        rec = report["recovery"]
+        self.final_recovery = {"woken": rec["woken"], "functional": rec["functional"], "targets": rec["targets"],
+                               "lost": len(rec.get("lost_function", []))}
         rec, ppl = report["recovery"], report["ppl"]
-        sham = f" (sham {self.verdict['heldout_ppl_end']['control']:.2f})" if self.verdict else ""
+        sham = f" (sham {self.verdict['heldout_ppl_kept']['control']:.2f})" if self.verdict else ""
         self.set_status(f"done: woken {rec['woken']}/{rec['targets']}, functional {rec['functional']}; "
                         f"ppl {ppl['heldout_before']:.2f} → {ppl['heldout_after']:.2f}{sham}")
         if self.verdict:
@@ -483,6 +488,8 @@ class HeadSurgeonApp(App[int]):
     def recovery(self) -> dict | None:
         rec = (self.history.recovery_at(self.history.points[self.point]) if self.point is not None
                else self.history.latest_recovery(skip_prefix=CONTROL))  # the surgery's, not its control's
+        if self.point is None and self.final_recovery is not None:
+            return self.final_recovery  # the kept checkpoint's, as the report says
         if rec is None:
             return None
         lost = sum(bool(e.get("lost_function")) for e in rec.per_head.values())
@@ -546,8 +553,8 @@ class HeadSurgeonApp(App[int]):
             lost = f" · lost fn {recovery['lost']}" if recovery and recovery.get("lost") else ""
             text.append(f"drift {drift} untouched{lost}\n" if not lost else f"drift {drift}{lost}\n")
         if self.verdict is not None:
-            end = self.verdict["heldout_ppl_end"]
-            worse = self.verdict["lower_at_end"] == "control"
+            end = self.verdict["heldout_ppl_kept"]
+            worse = self.verdict["lower_kept"] == "control"
             text.append(f"ppl {end['surgery']:.2f} vs sham {end['control']:.2f}\n", style="bold red" if worse else "bold")
         return text
 
@@ -698,7 +705,7 @@ class HeadSurgeonApp(App[int]):
             self.base_inputs = JobInputs.from_job(session.job)
             b = self.base_inputs
             self.surgery_defaults = {"corpus": b.corpus, "steps": b.train_config().steps or DEFAULT_STEPS, "lr": b.lr,
-                                     "seq_len": b.seq_len, "seed": b.seed}
+                                     "seq_len": b.seq_len, "seed": b.seed, "control": b.control == "sham"}
         self.refresh_panes()
 
     def _show_legacy(self, session: Session) -> None:
@@ -706,7 +713,7 @@ class HeadSurgeonApp(App[int]):
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        self.attached, self.after, self.point = None, None, None
+        self.attached, self.after, self.point, self.verdict, self.final_recovery = None, None, None, None, None
         self.history = RunHistory()
         for event in session.events():
             self.history.apply(event)
