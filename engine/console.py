@@ -156,7 +156,9 @@ def print_operation(report: dict, console: Console | None = None) -> None:
     text.append(f"drift (|Δ BOS| > {d['threshold']}): {d['drifted']} of {d['untouched_heads']} untouched heads "
                 f"({len(d['outside_target_columns'])} outside target columns, {len(d['frozen_in_target_columns'])} frozen); "
                 f"iatrogenic: {len(report['iatrogenic'])}")
-    if "verdict" in report:
+    if "verdict" in report and "failed" in report["control"]:
+        text.append(f"\n{report['verdict']['text']}", style="bold red")
+    elif "verdict" in report:
         c = report["control"]["recovery"]
         text.append(f"\nsham control: woken {c['woken']} / functional {c['functional']} / targets {c['targets']}; "
                     f"{report['verdict']['text']}", style="bold")

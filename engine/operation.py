@@ -24,7 +24,7 @@ from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss,
                        mlp_activation_dormancy, mlp_weight_dormancy, perplexity, prompt_loss, recovery)
-from .events import EvalMetrics, Notice, NullSink, PhaseChanged, Resumed, RunFinished, Sink, json_safe
+from .events import EvalMetrics, Notice, NullSink, PhaseChanged, Resumed, RunFailed, RunFinished, Sink, json_safe
 from .function import add_targets, function_baseline, working_notice
 from .fastpath import fast_kernels
 from .runview import CONTROL_PREFIX
@@ -34,7 +34,7 @@ from .prompts import load_prompts
 from .spec import format_heads
 from .report import HeadReport, Thresholds
 from .surgery import SurgeryPlan, read_head_tensors, sham
-from .train import STATE_FILE, PassResult, SurgeryRun, TrainConfig
+from .train import STATE_FILE, PassResult, SurgeryRun, TrainConfig, TrainingDiverged
 
 REPORT_FILE = "report.json"
 PATCH_FILE = "patch.safetensors"
@@ -356,12 +356,19 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
     control = None
     if job.control:
         apply_head_tensors(loaded.model, loaded.adapter, base_slices)  # the control starts from the base too
-        sham_arm = ctx.run_passes([sham(p) for p in ctx.plans], f"{CONTROL_PREFIX}pass")  # the surgery's resolved plans
-        if sham_arm.cancelled:
-            return _cancelled(sink, sham_arm, out)
-        sink.emit(PhaseChanged("evaluate", "measuring the sham control"))
-        control = ctx.judge(sham_arm, before, CONTROL_PATCH_FILE)
-        control["ppl"] = _ppl(measured_before, control["measured"])
+        ctx.sink = _ControlSink(sink)
+        try:  # the surgery's resolved plans, as a sham
+            sham_arm = ctx.run_passes([sham(p) for p in ctx.plans], f"{CONTROL_PREFIX}pass")
+        except TrainingDiverged as exc:  # the surgery stands; the report says the control has no verdict
+            sham_arm, control = None, {"failed": str(exc)}
+        finally:
+            ctx.sink = sink
+        if sham_arm is not None:
+            if sham_arm.cancelled:
+                return _cancelled(sink, sham_arm, out)
+            sink.emit(PhaseChanged("evaluate", "measuring the sham control"))
+            control = ctx.judge(sham_arm, before, CONTROL_PATCH_FILE)
+            control["ppl"] = _ppl(measured_before, control["measured"])
         apply_head_tensors(loaded.model, loaded.adapter, arm.tensors)  # leave the model as base + the surgery
     report = {
         "schema_version": OPERATION_SCHEMA_VERSION,
@@ -379,7 +386,10 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         "completions": {"before": measured_before["completions"], "after": surgery["measured"]["completions"]},
         "diagnosis_before": before.to_json(),
     }
-    if control is not None:
+    if control is not None and "failed" in control:
+        report["control"] = {"arm": job.control, "failed": control["failed"]}
+        report["verdict"] = {"text": f"no verdict: the sham control failed ({control['failed']})"}
+    elif control is not None:
         report["control"] = {"arm": job.control, **_arm_fields(control)}
         report["verdict"] = verdict(surgery, control, job.evaluation.verdict_tolerance)
     report = json_safe(report)
@@ -395,6 +405,18 @@ def _arm_fields(arm: dict[str, Any]) -> dict[str, Any]:
     return {"patch": arm["patch"], "passes": arm["passes"], "history": arm["history"], "recovery": arm["recovery"],
             "iatrogenic": arm["iatrogenic"], "drift": arm["drift"], "ppl": arm["ppl"],
             "diagnosis_after": arm["after"].to_json()}
+
+
+class _ControlSink:
+    """The control arm's events, except that its failure is a notice: the run (the surgery) goes on."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def emit(self, event) -> None:
+        if isinstance(event, RunFailed):
+            event = Notice(f"the sham control failed at step {event.step}: {event.message}")
+        self.sink.emit(event)
 
 
 def _cancelled(sink: Sink, arm: _Arm, out: Path) -> dict[str, Any]:

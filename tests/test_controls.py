@@ -132,3 +132,26 @@ def test_the_verdict_on_fixed_numbers():
     assert verdict(arm(9.5, 9.20, 9.3), arm(9.5, 9.21, 9.3))["lower_kept"] == "tie"  # within 0.5%
     assert verdict(arm(9.5, 9.0, 9.3), arm(9.5, 9.2, 9.3), tolerance=0.001)["lower_kept"] == "surgery"
     assert verdict(arm(9.5, float("nan"), 9.3), arm(9.5, 9.2, 9.3))["lower_kept"] == "tie"
+
+
+def test_a_diverging_control_leaves_the_surgery_standing_and_says_there_is_no_verdict(planted_dir, corpus, tmp_path):
+    loaded = load_model(str(planted_dir), device="cpu")
+    job = JobInputs(targets="0.3", corpus=str(corpus), steps=2, eval_every=1, seq_len=32, grad_accum=2, lr=1e-2,
+                    completions=0, eval_blocks=4, control="sham").build_job(loaded.adapter)
+    job.evaluation.ablation_blocks = 2
+    in_control = {"on": False}
+
+    class Watch(ListSink):
+        def emit(self, event):
+            super().emit(event)
+            if isinstance(event, PhaseChanged) and event.phase.startswith("control-"):
+                in_control["on"] = True
+
+    loaded.model.transformer.ln_f.register_forward_hook(  # NaN once the control trains
+        lambda module, args, output: output * float("nan") if in_control["on"] and module.training else output)
+    sink = Watch()
+    report = run_job(loaded, job, tmp_path, sink=sink)
+    assert report["control"]["failed"].startswith("loss became nan") and "no verdict" in report["verdict"]["text"]
+    assert report["recovery"]["targets"] == 1 and (tmp_path / "report.json").is_file()
+    assert not [e for e in sink.events if e.kind == "failed"]  # the run did not fail: a notice says why
+    assert any("sham control failed" in e.message for e in sink.of(Notice))

@@ -435,7 +435,7 @@ class HeadSurgeonApp(App[int]):
             self.set_status("run finished")
             return
         self.after = HeadReport.from_json(report["diagnosis_after"])
-        self.verdict = report.get("verdict")
+        self.verdict = report.get("verdict") if "heldout_ppl_kept" in report.get("verdict", {}) else None
         rec = report["recovery"]
         self.final_recovery = {"woken": rec["woken"], "functional": rec["functional"], "targets": rec["targets"],
                                "lost": len(rec.get("lost_function", []))}
