@@ -132,6 +132,9 @@ async def test_snapshots_main_help_and_spec_dialog(planted_dir):
         await pilot.press("escape", "b")
         await pilot.pause()
         check_snapshot(app, "spec_dialog")
+        await pilot.press("escape", "o")  # the surgery dialog, its sham control box included
+        await pilot.pause()
+        check_snapshot(app, "surgery_dialog")
 
 
 async def test_help_scrolls_from_the_keyboard_to_every_key_at_80x24(planted_dir):

@@ -99,7 +99,7 @@ class SurgeryScreen(ModalScreen[dict | None]):
                 with Horizontal(classes="field"):
                     yield Label(label)
                     yield Input(value=str(self.defaults.get(name, "")), placeholder=label, id=f"field-{name}")
-            yield Checkbox("sham control arm: the same slices trained without re-init, for comparison",
+            yield Checkbox("also run a sham control arm (no re-init)",
                            bool(self.defaults.get("control")), id="field-control")
             yield Label("corpus: text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib/PKG\n"
                         "enter starts · esc cancels · tab moves between fields, space ticks the box", classes="hint")
