@@ -21,7 +21,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def _check_creatable(path: Path, what: str) -> None:
+def check_creatable(path: Path, what: str) -> None:
     """Refuse when `path` (which does not exist) could not be created: an ancestor is a file, or the
     nearest existing ancestor directory is not writable."""
     parent = _nearest_existing(path.parent)
@@ -47,7 +47,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, what: 
             raise InputError(f"{what} {str(out)!r}: cannot write in it (read-only or no permission): "
                              "choose another directory")
         return out
-    _check_creatable(out, what)
+    check_creatable(out, what)
     return out
 
 
@@ -67,7 +67,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, what:
             raise InputError(f"{what} {str(out)!r}: cannot write in {str(out.parent)!r} (read-only or no "
                              "permission): choose another directory")
         return out
-    _check_creatable(out, what)
+    check_creatable(out, what)
     return out
 
 

@@ -187,7 +187,7 @@ JOB_DEFAULTS = {f.name: f.default for f in fields(JobInputs)}  # the CLI's flags
 def check_out(out: str | Path, *, overwrite: bool = False) -> None:
     """The cheap checks on an `--out` run directory, before any work: new, or (with `overwrite`) a run
     directory that no runner is using, or an empty one."""
-    from .preflight import check_output_dir
+    from .preflight import check_creatable, check_output_dir
     from .runner import is_live
 
     out = Path(out)
@@ -197,7 +197,8 @@ def check_out(out: str | Path, *, overwrite: bool = False) -> None:
                              "choose a new directory")
         if is_live(out):
             raise InputError(f"run {out} is running: cancel it (head-surgeon cancel {out}) before replacing it")
-        out = out.parent / f".{out.name}-check"  # what is left to check: that a directory can be made there
+        check_creatable(out, "--out")  # the old run is set aside and a new one made beside it, in its parent
+        return
     check_output_dir(out, what="--out")
 
 
@@ -328,9 +329,9 @@ def open_run(target: str | Path) -> Launch:
     """A run directory, or a session naming one, as a Launch (resume and attach take either)."""
     target = Path(target)
     if target.is_dir() and (target / RUN_FILE).is_file():
-        session_path = RunSpec.load(target).session
-        session = Session.load(session_path) if session_path and Path(session_path).is_file() else \
-            Session(model=RunSpec.load(target).identity)
+        spec = RunSpec.load(target)
+        session = Session.load(spec.session) if spec.session and Path(spec.session).is_file() else \
+            Session(model=spec.identity)
         return Launch(target, session)
     session = Session.load(target)
     run = session.run_path()

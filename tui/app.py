@@ -204,13 +204,16 @@ class HeadSurgeonApp(App[int]):
         worker = get_current_worker()
         try:
             prompts = load_prompts(self.prompts_path)
-            settings = JobInputs(targets="", prompts=self.prompts_path).diagnosis_settings()  # what a surgery uses
-            report = diagnose(loaded, prompts, settings, sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
+            report = diagnose(loaded, prompts, self._diagnosis_settings(), sink=MessageSink(self), cancelled=lambda: worker.is_cancelled)
         except HeadSurgeonError as exc:
             self.post_message(WorkFailed("diagnosis", str(exc)))
             return
         if not worker.is_cancelled:
             self.post_message(ReportReady(report))
+
+    def _diagnosis_settings(self):
+        """The workbench's diagnosis settings: the defaults a surgery started here is judged by."""
+        return JobInputs(targets="", prompts=self.prompts_path).diagnosis_settings()
 
     def on_worker_state_changed(self, event) -> None:
         if event.state == WorkerState.ERROR:  # an unexpected failure: one line, never a traceback
@@ -635,7 +638,7 @@ class HeadSurgeonApp(App[int]):
         session.model = model_identity(self.loaded)
         session.report = self.report.to_json() if self.report is not None else None
         session.marks = {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)}
-        session.diagnosis = JobInputs(targets="", prompts=self.prompts_path).diagnosis_settings().to_dict()
+        session.diagnosis = self._diagnosis_settings().to_dict()
         if self.attached is not None:
             session.set_run_dir(self.attached.run_dir)
             session.status = self.run_state or session.status
