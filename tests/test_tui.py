@@ -336,3 +336,13 @@ def test_the_real_app_run_starts_draws_and_quits(planted_dir):
     app = HeadSurgeonApp(model_ref=str(planted_dir))
     app.run(headless=True, size=SIZE, auto_pilot=auto_pilot)
     assert app.return_value == 0 and app.report is not None
+
+
+async def test_the_status_line_names_the_band_after_a_diagnosis(planted_dir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        status = str(app.query_one("#status").render())
+        band = app.report.band()
+        assert "sink rate" in status and (f"band H{band[0]}" in status if band else "band none" in status)
+        assert "0." not in status.split("band")[1]

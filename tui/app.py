@@ -275,8 +275,9 @@ class HeadSurgeonApp(App[int]):
         self._set_grid(report)
         counts = report.counts()
         band = report.band()
+        heads = ",".join("H" + item.removeprefix("0.") for item in format_heads((0, h) for h in band).split(","))
         self.set_status(f"diagnosed {report.n_prompts} prompts · sink rate {100 * report.sink_rate()[1]:.0f}% · band "
-                        + (format_heads((0, h) for h in band).removeprefix("0.") if band else "none"))
+                        + (heads if band else "none"))
         self.log_line("diagnosis: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         self.query_one(ProgressBar).update(total=1, progress=1)
         self.refresh_panes()
