@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import HeadSurgeonError, InputError
+from .recipe import INIT_SCHEMES, RECIPES, SLICE_DTYPE_NAMES
 from .workflow import DEFAULT_CORPUS, DEFAULT_STEPS, JOB_DEFAULTS
 
 
@@ -87,9 +88,28 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=JOB_DEFAULTS["lr"], help="0 trains nothing: a re-initialisation-only control")
     p.add_argument("--micro-batch", type=int, default=JOB_DEFAULTS["micro_batch"])
     p.add_argument("--grad-accum", type=int, default=JOB_DEFAULTS["grad_accum"])
-    p.add_argument("--warmup-frac", type=float, default=JOB_DEFAULTS["warmup_frac"])
-    p.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default: ten points per run)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=JOB_DEFAULTS["recipe"],
+                   help="default: head-surgeon's choices; paper: the paper's scripts' (Xavier over each head's whole "
+                   "Q/K/V block, bf16 slices and optimizer state, warm-up min(100, total/4), an epoch's partial last "
+                   "step kept, early stopping with patience 6, checkpoints picked on the tracked set, evaluation at "
+                   "each epoch's end). Any flag below overrides it")
+    p.add_argument("--warmup-frac", type=float, help="warm-up share of the steps (default 0.05; paper 0.25)")
+    p.add_argument("--warmup-max-steps", type=int, help="cap on the warm-up steps (default none; paper 100)")
+    p.add_argument("--keep-partial-step", action=argparse.BooleanOptionalAction,
+                   help="an epoch's last, partial accumulation steps the optimizer too (default no; paper yes)")
+    p.add_argument("--patience", type=int, help="stop a pass after N evaluations without a better checkpoint; "
+                   "0: never (default 0; paper 6)")
+    p.add_argument("--select-on", choices=("heldout", "tracked"),
+                   help="the perplexity that picks the kept checkpoint (default heldout; paper tracked)")
+    p.add_argument("--slice-dtype", choices=SLICE_DTYPE_NAMES,
+                   help="dtype of the trained slices and AdamW's moments (default fp32; paper bf16)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default: ten points per run; "
+                   "paper with --epochs: each epoch's end)")
     p.add_argument("--eval-blocks", type=int, default=JOB_DEFAULTS["eval_blocks"], help="held-out blocks for perplexity")
+    p.add_argument("--track-blocks", type=int, default=JOB_DEFAULTS["track_blocks"],
+                   help="the tracked in-domain set measured at every evaluation: N training blocks, evenly spaced "
+                   "(0: none)")
+    p.add_argument("--track-texts", help="track this text file instead (.txt one text a line, or .jsonl {\"text\": ...})")
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     p.add_argument("--seed", type=int, default=JOB_DEFAULTS["seed"])
 
@@ -400,7 +420,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--frozen", help="heads kept frozen for the record (never trained), same spec language")
     p.add_argument("--pass2-targets", help="second pass, started from the first pass's best checkpoint")
     p.add_argument("--pass2-frozen")
-    p.add_argument("--init", choices=("xavier_uniform", "xavier_normal"), default=JOB_DEFAULTS["init"])
+    p.add_argument("--init", choices=INIT_SCHEMES,
+                   help="re-initialisation of the targets' Q/K/V rows (default xavier_uniform; paper xavier_uniform_block)")
     p.add_argument("--control", choices=("sham",), help="also run a sham control arm: the same slices, corpus, block "
                    "order, schedule and seed, trained from their current values (no re-init, no zeroing)")
     add_corpus_args(p)

@@ -113,9 +113,10 @@ class ConsoleSink:
         elif isinstance(event, ev.PhaseChanged):
             self.progress.console.print(f"[cyan]{event.phase}[/] {event.detail}")
         elif isinstance(event, ev.EvalMetrics):
+            tracked = f", tracked ppl {event.tracked_ppl:.2f}" if event.tracked_ppl is not None else ""
             self.progress.console.print(
                 f"[green]eval[/] step {event.step}: train loss {event.train_loss:.4f} (ppl {event.train_ppl:.2f}), "
-                f"held-out ppl {event.heldout_ppl:.2f}"
+                f"held-out ppl {event.heldout_ppl:.2f}{tracked}"
             )
         elif isinstance(event, ev.HeadRecovery):
             self.progress.console.print(
@@ -152,7 +153,18 @@ def print_operation(report: dict, console: Console | None = None) -> None:
         text.append(f"functional: {rec['rule']} (threshold {rec['threshold']:+.4f} nats); worked before: "
                     f"{rec['functional_before']}; lost function: {', '.join(rec['lost_function']) or 'none'}\n")
     text.append(f"held-out ppl {ppl['heldout_before']:.3f} -> {ppl['heldout_after']:.3f}; "
-                f"prompt ppl {ppl['prompts_before']:.3f} -> {ppl['prompts_after']:.3f}\n")
+                f"prompt ppl {ppl['prompts_before']:.3f} -> {ppl['prompts_after']:.3f}")
+    if ppl.get("tracked_before") is not None:
+        text.append(f"; tracked ppl {ppl['tracked_before']:.3f} -> {ppl['tracked_after']:.3f} ({report['tracked_set']})")
+    text.append("\n")
+    recipe = report.get("recipe", {"name": "default"})
+    kept = [f"pass {i} step {p['best_step']}" + (" (stopped early)" if p.get("stopped_early") else "")
+            for i, p in enumerate(report["passes"], start=1)]
+    selected = report["passes"][0].get("selected_on", "heldout") if report["passes"] else "heldout"
+    text.append(f"recipe {recipe['name']}; kept (lowest {selected} ppl): {', '.join(kept)}\n")
+    for name, counts in report.get("class_counts", {}).items():
+        if counts:
+            text.append(f"classes {name}: " + ", ".join(f"{k} {v}" for k, v in counts["paper"].items()) + "\n")
     text.append(f"drift (|Δ BOS| > {d['threshold']}): {d['drifted']} of {d['untouched_heads']} untouched heads "
                 f"({len(d['outside_target_columns'])} outside target columns, {len(d['frozen_in_target_columns'])} frozen); "
                 f"iatrogenic: {len(report['iatrogenic'])}")

@@ -96,6 +96,7 @@ class EvalMetrics(Event):
     entropy: list[list[float]] = field(default_factory=list)
     local_mass: list[list[float]] = field(default_factory=list)
     label: str = ""  # "before": the model before the operation; else the pass, e.g. "pass-1"
+    tracked_ppl: float | None = None  # perplexity of the tracked in-domain set (engine.tracked), when the job has one
 
 
 @dataclass

@@ -32,8 +32,10 @@ from .model import model_identity
 from .patch import apply_head_tensors, load_patch, parse_tensor_name, save_patch
 from .prompts import load_prompts
 from .spec import format_heads
+from .recipe import differences
 from .report import HeadReport, Thresholds
 from .surgery import SurgeryPlan, read_head_tensors, sham
+from .tracked import TrackedSet, tracked_set
 from .train import STATE_FILE, PassResult, SurgeryRun, TrainConfig, TrainingDiverged
 
 REPORT_FILE = "report.json"
@@ -121,7 +123,7 @@ class SurgeryJob:
 
 
 def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, settings: EvalSettings, *,
-            prompts: list[str], seed: int, fast: bool = True) -> dict[str, Any]:
+            prompts: list[str], seed: int, fast: bool = True, tracked: TrackedSet | None = None) -> dict[str, Any]:
     """The model-level numbers compared before and after surgery. Perplexities go through the same kernels
     as the evaluation points during training (`fast`: SDPA attention, fused GeLU), so in bf16 the before,
     every point and the after are one measurement. MLP dormancy twice: `mlp_dormancy` by activation (share
@@ -131,9 +133,11 @@ def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, set
     with fast_kernels(loaded.model, loaded.adapter, fast):
         heldout = perplexity(mean_loss(loaded.model, eval_blocks, settings.batch_size))
         prompt = perplexity(prompt_loss(loaded.model, prompts_ids, pad, settings.batch_size))
+        track = perplexity(tracked.loss(loaded.model, settings.batch_size)) if tracked is not None else None
     return {
         "heldout_ppl": heldout,
         "prompt_ppl": prompt,
+        "tracked_ppl": track,
         "mlp_dormancy": mlp_activation_dormancy(loaded.model, loaded.adapter, prompts_ids, pad,
                                                 settings.dormancy_threshold, settings.batch_size),
         "mlp_weight_dormancy": mlp_weight_dormancy(loaded.model, loaded.adapter, settings.weight_dormancy_threshold),
@@ -167,6 +171,7 @@ class _Job:
         self.identity = model_identity(loaded)
         self.meta = {"base_model": self.identity, "job": job.to_dict()}
         self.corpus: PackedCorpus | None = None
+        self.tracked: TrackedSet | None = None
         self.function: dict[str, Any] | None = None
         self.plans = list(job.plans)  # resolved so far (a deferred last pass joins once resolved)
 
@@ -193,7 +198,7 @@ class _Job:
 
     def measure(self) -> dict[str, Any]:
         return measure(self.loaded, self.prompt_ids, self.eval_blocks, self.job.evaluation, prompts=self.prompts,
-                       seed=self.job.train.seed, fast=self.fast)
+                       seed=self.job.train.seed, fast=self.fast, tracked=self.tracked)
 
     def run_passes(self, plans: list[SurgeryPlan], prefix: str, first: int = 1) -> _Arm:
         """Every pass of one arm, each from the previous one's best checkpoint; passes a resumed run
@@ -209,13 +214,16 @@ class _Job:
                 arm.tensors.update(best)
                 arm.passes.append(PassResult(plan, done["history"], done["best_step"],
                                              done["best_heldout_ppl"] or math.inf, done["best_checkpoint"],
-                                             done["steps_done"], done["cancelled"]))
+                                             done["steps_done"], done["cancelled"],
+                                             selected_on=done.get("selected_on", "heldout"),
+                                             best_score=done.get("best_selection_ppl") or math.inf,
+                                             stopped_early=done.get("stopped_early", False)))
                 self.sink.emit(PhaseChanged(name, f"already done (best step {done['best_step']}), kept"))
                 continue
             run = SurgeryRun(loaded, plan, self.corpus, self.job.train, prompt_ids=self.prompt_ids, out_dir=self.out,
                              meta=self.meta, eval_settings=self.job.evaluation,
-                             diagnosis_batch=self.job.diagnosis.batch_size, function=self.function, sink=self.sink,
-                             cancelled=self.cancelled, pass_name=name)
+                             diagnosis_batch=self.job.diagnosis.batch_size, function=self.function,
+                             tracked=self.tracked, sink=self.sink, cancelled=self.cancelled, pass_name=name)
             state = pass_dir / STATE_FILE
             if self.resume and not state.is_file():  # this pass starts over: what it logged before is superseded
                 self.sink.emit(Resumed(name, 0))
@@ -237,7 +245,10 @@ class _Job:
         with fast_kernels(loaded.model, loaded.adapter, self.fast):
             deltas = ablation_deltas(loaded.model, loaded.adapter, targets, self.ablation_blocks,
                                      job.evaluation.batch_size)
-        return {"patch": patch_file, "after": after, "measured": self.measure(),
+        counts = lambda r: {"classes": r.counts(), "paper": r.paper_counts()}  # noqa: E731
+        class_counts = {"before": counts(before), **{f"pass-{i}": p.class_counts() for i, p in
+                                                     enumerate(arm.passes, start=1)}, "after": counts(after)}
+        return {"patch": patch_file, "after": after, "measured": self.measure(), "class_counts": class_counts,
                 "passes": [p.to_dict() for p in arm.passes], "history": [pt for p in arm.passes for pt in p.history],
                 "recovery": recovery(after, targets, deltas, job.evaluation, before, self.function),
                 "iatrogenic": iatrogenic(before, after, targets),
@@ -277,7 +288,8 @@ class _Job:
 
 def _ppl(measured_before: dict[str, Any], measured_after: dict[str, Any]) -> dict[str, float]:
     return {"heldout_before": measured_before["heldout_ppl"], "heldout_after": measured_after["heldout_ppl"],
-            "prompts_before": measured_before["prompt_ppl"], "prompts_after": measured_after["prompt_ppl"]}
+            "prompts_before": measured_before["prompt_ppl"], "prompts_after": measured_after["prompt_ppl"],
+            "tracked_before": measured_before["tracked_ppl"], "tracked_after": measured_after["tracked_ppl"]}
 
 
 def _last_ppl(passes: list[dict[str, Any]]) -> float:
@@ -322,6 +334,8 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
     tconf, dsettings = job.train, job.diagnosis
     sink.emit(PhaseChanged("corpus", f"loading {job.corpus.describe()} in blocks of {tconf.seq_len}"))
     ctx.corpus = corpus or load_corpus(job.corpus, loaded.tokenizer, tconf.seq_len, job.heldout_frac)
+    ctx.tracked = tracked_set(ctx.corpus, loaded.tokenizer, blocks=tconf.track_blocks, texts=tconf.track_texts,
+                              max_len=tconf.seq_len)
 
     sink.emit(PhaseChanged("baseline", "measuring the model before surgery"))
     before = baseline if baseline is not None else diagnose(loaded, ctx.prompts, dsettings, cancelled=cancelled)
@@ -377,6 +391,8 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         "corpus": {"description": ctx.corpus.description, "train_blocks": len(ctx.corpus.train),
                    "heldout_blocks": len(ctx.corpus.heldout), "seq_len": ctx.corpus.seq_len},
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "recipe": {"name": tconf.recipe, "differs_from_default": differences(tconf.recipe)},
+        "tracked_set": ctx.tracked.description if ctx.tracked is not None else None,
         **_arm_fields(surgery),
         "cancelled": False,
         "function_before": ctx.function,
@@ -404,7 +420,7 @@ def _arm_fields(arm: dict[str, Any]) -> dict[str, Any]:
     """The report's fields for one arm (the surgery's at the top level, the control's under `control`)."""
     return {"patch": arm["patch"], "passes": arm["passes"], "history": arm["history"], "recovery": arm["recovery"],
             "iatrogenic": arm["iatrogenic"], "drift": arm["drift"], "ppl": arm["ppl"],
-            "diagnosis_after": arm["after"].to_json()}
+            "class_counts": arm["class_counts"], "diagnosis_after": arm["after"].to_json()}
 
 
 class _ControlSink:

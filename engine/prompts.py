@@ -15,25 +15,26 @@ def builtin_prompts() -> list[str]:
     return load_prompts(BUILTIN_PROMPTS_FILE)
 
 
-def load_prompts(path: str | Path | None) -> list[str]:
-    """Read prompts: `.jsonl` with one {"text": ...} object a line, or `.txt` with one prompt a line."""
+def load_prompts(path: str | Path | None, what: str = "prompts file") -> list[str]:
+    """Read prompts: `.jsonl` with one {"text": ...} object a line, or `.txt` with one prompt a line
+    (`what` names the file in errors)."""
     if path is None:
         return builtin_prompts()
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"prompts file {str(path)!r} does not exist: pass a .jsonl or .txt file")
+        raise InputError(f"{what} {str(path)!r} does not exist: pass a .jsonl or .txt file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise InputError(f"prompts file {str(path)!r} is not UTF-8 text: re-save it as UTF-8") from exc
+        raise InputError(f"{what} {str(path)!r} is not UTF-8 text: re-save it as UTF-8") from exc
     if path.suffix == ".jsonl":
         prompts = [_jsonl_text(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
     elif path.suffix == ".txt":
         prompts = [line for line in lines if line.strip()]
     else:
-        raise InputError(f"prompts file {str(path)!r} has an unknown extension: use .jsonl or .txt")
+        raise InputError(f"{what} {str(path)!r} has an unknown extension: use .jsonl or .txt")
     if not prompts:
-        raise InputError(f"prompts file {str(path)!r} holds no prompts: add at least one non-empty line")
+        raise InputError(f"{what} {str(path)!r} holds no prompts: add at least one non-empty line")
     return prompts
 
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from .arch import BloomAdapter
 from .errors import InputError
+from .recipe import INIT_SCHEMES
 from .spec import format_heads, parse_heads
 
-INIT_SCHEMES = ("xavier_uniform", "xavier_normal")
 SHAM = "none"  # the control arm: the same slices train from their current values (no re-init, no zeroing)
 Head = tuple[int, int]
 
@@ -86,11 +86,17 @@ class SurgeryPlan:
 def init_head_weights(plan: SurgeryPlan, adapter: BloomAdapter, dtype=torch.float32) -> dict[Head, torch.Tensor]:
     """Fresh Q/K/V rows per target ([3d, hidden]), from the plan's seed, independent of device.
 
-    Each of q, k and v is initialised as its own `hidden -> head_dim` projection would be."""
+    `xavier_uniform` and `xavier_normal` initialise each of q, k and v as its own `hidden -> head_dim`
+    projection would be; `xavier_uniform_block` draws the head's whole [3d, hidden] block at once, as
+    `nn.init.xavier_uniform_` on that slice does (the paper's scripts; bound sqrt(6 / (hidden + 3d)))."""
     gen = torch.Generator().manual_seed(plan.seed)
     d, hidden = adapter.head_dim, adapter.hidden_size
     out = {}
     for head in plan.targets:
+        if plan.init == "xavier_uniform_block":
+            bound = math.sqrt(6.0 / (hidden + 3 * d))
+            out[head] = torch.empty(3 * d, hidden).uniform_(-bound, bound, generator=gen).to(dtype)
+            continue
         w = torch.empty(3, d, hidden, dtype=torch.float32)
         std = math.sqrt(2.0 / (hidden + d))
         for i in range(3):

@@ -19,13 +19,16 @@ from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
 from .loss import causal_lm_loss
-from .events import (Checkpoint, EvalMetrics, HeadRecovery, NullSink, PhaseChanged, Resumed, RunFailed, Sink,
-                     StepMetrics)
+from .events import (Checkpoint, EvalMetrics, HeadRecovery, Notice, NullSink, PhaseChanged, Resumed, RunFailed,
+                     Sink, StepMetrics)
 from .patch import save_patch
+from .recipe import SLICE_DTYPE_NAMES
 from .report import HeadReport
 from .surgery import HeadSlices, SurgeryPlan, operate
+from .tracked import TrackedSet
 
 STATE_FILE = "state.safetensors"
+SLICE_DTYPES = dict(zip(SLICE_DTYPE_NAMES, (torch.float32, torch.bfloat16), strict=True))
 
 
 class TrainingDiverged(HeadSurgeonError):
@@ -41,18 +44,26 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_frac: float = 0.05
+    warmup_max_steps: int | None = None  # set: warm-up = min(this, floor(frac x total)), the paper's min(100, T//4)
     micro_batch: int = 1
     grad_accum: int = 8
     clip: float = 1.0
     seq_len: int = 512
     steps: int | None = None  # optimizer steps; when None, `epochs` over the training blocks
     epochs: int | None = None
-    eval_every: int = 50
+    keep_partial_step: bool = False  # an epoch's last, partial accumulation steps the optimizer too
+    eval_every: int | None = 50  # None: evaluate at each epoch's end only
     eval_blocks: int = 16
+    track_blocks: int = 16  # the tracked in-domain set: this many training blocks, evenly spaced (0: none)
+    track_texts: str | None = None  # or a fixed text file (.txt one a line, .jsonl {"text": ...}) instead
+    select_on: str = "heldout"  # the perplexity that picks the kept checkpoint: "heldout" or "tracked"
+    patience: int | None = None  # stop a pass after this many evaluations without a better kept checkpoint
+    slice_dtype: str = "fp32"  # trainable slices and AdamW state: "fp32", or "bf16" as the paper's scripts
     gradient_checkpointing: bool = True
     loss_chunk_tokens: int = 1024
     attention: str = "sdpa"  # "sdpa" (fused kernel, ALiBi as a bias) or "eager" (transformers' own)
     seed: int = 0
+    recipe: str = "default"  # the recipe these settings came from (engine.recipe), recorded for the report
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -63,8 +74,18 @@ class TrainConfig:
             raise InputError("steps and epochs must be at least 1")
         if not (self.lr >= 0 and math.isfinite(self.lr)):  # 0 is a control: re-initialise, train nothing
             raise InputError(f"the learning rate must be zero or a positive number (got {self.lr})")
-        if min(self.micro_batch, self.grad_accum, self.eval_every, self.eval_blocks) < 1:
+        if min(self.micro_batch, self.grad_accum, self.eval_blocks) < 1 or (self.eval_every or 1) < 1:
             raise InputError("micro batch, accumulation, eval interval and eval blocks must be at least 1")
+        if self.slice_dtype not in SLICE_DTYPES:
+            raise InputError(f"slice dtype must be {' or '.join(SLICE_DTYPES)} (got {self.slice_dtype!r})")
+        if self.select_on not in ("heldout", "tracked"):
+            raise InputError(f"select on must be heldout or tracked (got {self.select_on!r})")
+        if self.select_on == "tracked" and not self.track_texts and self.track_blocks < 1:
+            raise InputError("selecting on the tracked set needs one: give track blocks of at least 1 or track texts")
+        if self.track_blocks < 0 or (self.patience is not None and self.patience < 1):
+            raise InputError("track blocks must be 0 or more and patience at least 1")
+        if self.warmup_max_steps is not None and self.warmup_max_steps < 0:
+            raise InputError(f"the warm-up cap must be 0 or more steps (got {self.warmup_max_steps})")
         if self.attention not in ("sdpa", "eager"):
             raise InputError(f"attention must be sdpa or eager (got {self.attention!r})")
         if self.seq_len < 2:
@@ -75,10 +96,22 @@ class TrainConfig:
         return self.micro_batch * self.grad_accum
 
     def steps_per_epoch(self, n_blocks: int) -> int:
+        if self.keep_partial_step:
+            return max(1, -(-n_blocks // self.blocks_per_step))
         return max(1, n_blocks // self.blocks_per_step)
 
     def total_steps(self, n_blocks: int) -> int:
         return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(n_blocks)
+
+    def warmup_steps(self, total: int) -> int:
+        if self.warmup_max_steps is not None:
+            return min(self.warmup_max_steps, int(self.warmup_frac * total))
+        return int(round(self.warmup_frac * total))
+
+    @property
+    def selection_key(self) -> str:
+        """The evaluation point's field that picks the kept checkpoint."""
+        return "tracked_ppl" if self.select_on == "tracked" else "heldout_ppl"
 
 
 @dataclass
@@ -88,18 +121,30 @@ class PassResult:
     plan: SurgeryPlan
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int = -1
-    best_heldout_ppl: float = float("inf")
+    best_heldout_ppl: float = float("inf")  # held-out perplexity of the kept checkpoint
     best_path: str | None = None
     steps_done: int = 0
     cancelled: bool = False
     tokens_per_s: float = 0.0
     train_seconds: float = 0.0
+    selected_on: str = "heldout"  # which perplexity picked the kept checkpoint (TrainConfig.select_on)
+    best_score: float = float("inf")  # that perplexity at the kept checkpoint
+    stopped_early: bool = False  # early stopping (TrainConfig.patience) ended the pass
 
     def to_dict(self) -> dict[str, Any]:
+        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
         return {"plan": self.plan.to_dict(), "history": self.history, "best_step": self.best_step,
-                "best_heldout_ppl": self.best_heldout_ppl if math.isfinite(self.best_heldout_ppl) else None,
-                "best_checkpoint": self.best_path, "steps_done": self.steps_done, "cancelled": self.cancelled,
-                "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds}
+                "best_heldout_ppl": finite(self.best_heldout_ppl), "selected_on": self.selected_on,
+                "best_selection_ppl": finite(self.best_score), "best_checkpoint": self.best_path,
+                "steps_done": self.steps_done, "cancelled": self.cancelled, "stopped_early": self.stopped_early,
+                "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds,
+                "class_counts": self.class_counts()}
+
+    def class_counts(self) -> dict[str, dict[str, int]] | None:
+        """Class counts of the model this pass leaves (its kept checkpoint's point; the last point if none)."""
+        points = [p for p in self.history if "class_counts" in p]
+        kept = [p for p in points if p["step"] == self.best_step] or points[-1:]
+        return {"classes": kept[0]["class_counts"], "paper": kept[0]["paper_counts"]} if kept else None
 
 
 def enable_checkpointing(model) -> None:
@@ -136,13 +181,16 @@ class SurgeryRun:
     def __init__(self, loaded, plan: SurgeryPlan, corpus: PackedCorpus, config: TrainConfig, *,
                  prompt_ids: list[list[int]], out_dir: str | Path, meta: dict[str, Any],
                  eval_settings: EvalSettings | None = None, diagnosis_batch: int = 8,
-                 function: dict[str, Any] | None = None, sink: Sink | None = None,
-                 cancelled: Callable[[], bool] = lambda: False, pass_name: str = "pass-1"):
+                 function: dict[str, Any] | None = None, tracked: TrackedSet | None = None,
+                 sink: Sink | None = None, cancelled: Callable[[], bool] = lambda: False, pass_name: str = "pass-1"):
         self.loaded, self.plan, self.corpus, self.config = loaded, plan, corpus, config
         self.prompt_ids, self.meta = prompt_ids, meta
         self.settings = eval_settings or EvalSettings()
         self.diagnosis_batch = diagnosis_batch
         self.function = function  # the function baseline: functional is judged against it at every evaluation
+        self.tracked = tracked  # the fixed in-domain set measured at every evaluation
+        if config.select_on == "tracked" and tracked is None:
+            raise InputError("selecting checkpoints on the tracked set needs one: give track blocks or track texts")
         self.sink, self.cancelled = sink or NullSink(), cancelled
         self.pass_name = pass_name
         self.dir = Path(out_dir) / "checkpoints" / pass_name
@@ -152,7 +200,7 @@ class SurgeryRun:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eval_blocks = corpus.heldout[: config.eval_blocks]
         self.ablation_blocks = corpus.heldout[: self.settings.ablation_blocks]
-        self.result = PassResult(plan)
+        self.result = PassResult(plan, selected_on=config.select_on)
         self.slices: HeadSlices | None = None
         self.optimizer = None
         self.scheduler = None
@@ -163,11 +211,10 @@ class SurgeryRun:
 
         c = self.config
         self.total = c.total_steps(len(self.corpus.train))
-        self.slices = operate(self.model, self.adapter, self.plan)
+        self.slices = operate(self.model, self.adapter, self.plan, dtype=SLICE_DTYPES[c.slice_dtype])
         self.optimizer = torch.optim.AdamW(self.slices.parameters(), lr=c.lr, betas=(c.beta1, c.beta2),
-                                           weight_decay=c.weight_decay)
-        warmup = int(round(c.warmup_frac * self.total))
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total)
+                                           weight_decay=c.weight_decay)  # its moments take the slices' dtype
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c.warmup_steps(self.total), self.total)
         if c.gradient_checkpointing:
             enable_checkpointing(self.model)
 
@@ -188,7 +235,7 @@ class SurgeryRun:
         c = self.config
         self.model.train()
         idx = step_blocks(c, len(self.corpus.train), step)
-        total = 0.0
+        total, micro = 0.0, 0
         with self._fast():  # around backward too: checkpointed layers recompute through the same path
             for start in range(0, len(idx), c.micro_batch):
                 ids = self.corpus.train[idx[start : start + c.micro_batch]].to(self.device)
@@ -196,13 +243,14 @@ class SurgeryRun:
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     return value, float("nan")
+                # by grad_accum even in an epoch's partial last step, as the paper's scripts do
                 (loss / c.grad_accum).backward()
-                total += value
+                total, micro = total + value, micro + 1
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.slices.parameters(), c.clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / c.grad_accum, grad_norm
+        return total / micro, grad_norm
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, step: int, train_loss: float) -> dict[str, Any]:
@@ -213,6 +261,7 @@ class SurgeryRun:
                                       pad_id=self.pad_id)  # eager: it needs the attention probabilities
             with self._fast():
                 heldout = mean_loss(self.model, self.eval_blocks, self.settings.batch_size)
+                tracked = self.tracked.loss(self.model, self.settings.batch_size) if self.tracked else None
                 ablation_base = mean_loss(self.model, self.ablation_blocks, self.settings.batch_size)
                 deltas = ablation_deltas(self.model, self.adapter, self.plan.targets, self.ablation_blocks,
                                          self.settings.batch_size, ablation_base)
@@ -223,13 +272,16 @@ class SurgeryRun:
         targets = {k: {s: v[s] for s in ("bos_mass", "entropy", "local_mass", "contribution", "ablation_delta")}
                    for k, v in rec["per_head"].items()}
         point = {"step": step, "train_loss": train_loss, "train_ppl": perplexity(train_loss),
-                 "heldout_loss": heldout, "heldout_ppl": perplexity(heldout), "targets": targets,
+                 "heldout_loss": heldout, "heldout_ppl": perplexity(heldout),
+                 "tracked_ppl": perplexity(tracked) if tracked is not None else None, "targets": targets,
                  "woken": rec["woken"], "functional": rec["functional"],
+                 "class_counts": report.counts(), "paper_counts": report.paper_counts(),
                  "bos_mass": report.bos_mass.round(5).tolist(), "contribution": report.contribution.round(5).tolist()}
         self.result.history.append(point)
         self.sink.emit(EvalMetrics(step, train_loss, point["train_ppl"], point["heldout_ppl"], targets,
                                    point["bos_mass"], point["contribution"], report.entropy.round(5).tolist(),
-                                   report.local_mass.round(5).tolist(), label=self.pass_name))
+                                   report.local_mass.round(5).tolist(), label=self.pass_name,
+                                   tracked_ppl=point["tracked_ppl"]))
         self.sink.emit(HeadRecovery(step, rec["woken"], rec["functional"], rec["targets"], rec["per_head"]))
         return point
 
@@ -254,7 +306,8 @@ class SurgeryRun:
             opt_meta[n] = float(st["step"])
         meta = {"step": step, "opt_steps": opt_meta, "scheduler": self.scheduler.state_dict(),
                 "best_step": self.result.best_step, "best_heldout_ppl": self.result.best_heldout_ppl,
-                "best_path": self.result.best_path, "plan": self.plan.to_dict(), "history": self.result.history}
+                "best_score": self.result.best_score, "best_path": self.result.best_path,
+                "plan": self.plan.to_dict(), "history": self.result.history}
         atomic_write_bytes(self.dir / STATE_FILE, save(tensors, metadata={"state": json.dumps(meta)}))
 
     def _load_state(self, path: Path) -> int:
@@ -277,6 +330,7 @@ class SurgeryRun:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
         self.result.best_step, self.result.best_heldout_ppl = meta["best_step"], meta["best_heldout_ppl"]
+        self.result.best_score = meta.get("best_score", meta["best_heldout_ppl"])  # states before select_on
         self.result.best_path = meta["best_path"]
         self.result.history = meta.get("history", [])
         self.sink.emit(Resumed(self.pass_name, int(meta["step"])))
@@ -284,13 +338,14 @@ class SurgeryRun:
 
     def _checkpoint(self, step: int, point: dict[str, Any], epoch_end: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        ppl = point["heldout_ppl"]
-        is_best = step > 0 and ppl < self.result.best_heldout_ppl
+        ppl, score = point["heldout_ppl"], point[self.config.selection_key]
+        is_best = step > 0 and score < self.result.best_score
         tensors = self.slices.head_tensors()
         if is_best:
             path = self.dir / "best.safetensors"
             save_patch(path, tensors, self._patch_meta(step, ppl))
             self.result.best_step, self.result.best_heldout_ppl, self.result.best_path = step, ppl, str(path)
+            self.result.best_score = score
             self.sink.emit(Checkpoint(step, str(path), ppl, True))
         if epoch_end:
             path = self.dir / f"step-{step}.safetensors"
@@ -333,16 +388,31 @@ class SurgeryRun:
                 self.sink.emit(StepMetrics(step, self.total, loss, self.scheduler.get_last_lr()[0], grad_norm,
                                            tokens / max(elapsed, 1e-9), elapsed, epoch=(step - 1) // per_epoch))
                 epoch_end = step % per_epoch == 0 or step == self.total
-                if step % c.eval_every == 0 or epoch_end:
+                if (c.eval_every and step % c.eval_every == 0) or epoch_end:
                     point = self.evaluate(step, sum(window) / len(window))
                     window = []
                     self._checkpoint(step, point, epoch_end)
+                    if self._out_of_patience():
+                        break
             self.result.steps_done = step
             self.result.train_seconds = round(time.perf_counter() - t0, 2)
             self.result.tokens_per_s = tokens / max(self.result.train_seconds, 1e-9)
             return self.result
         finally:
             self._teardown()
+
+    def _out_of_patience(self) -> bool:
+        """Early stopping: `patience` evaluation points in a row since the kept checkpoint without a lower
+        selection perplexity (derived from the history, so a resumed pass counts the same)."""
+        patience = self.config.patience
+        since = [p for p in self.result.history if p["step"] > max(self.result.best_step, 0)]
+        if patience is None or len(since) < patience:
+            return False
+        self.result.stopped_early = True
+        self.sink.emit(Notice(f"{self.pass_name}: early stop at step {since[-1]['step']}: {self.config.select_on} "
+                              f"perplexity did not improve for {patience} evaluations; kept step "
+                              f"{self.result.best_step}"))
+        return True
 
     def _diverged(self, step: int, loss: float):
         last = self.result.best_path

@@ -37,7 +37,8 @@ class JobInputs:
     frozen: str = ""
     pass2_targets: str | None = None
     pass2_frozen: str | None = None
-    init: str = "xavier_uniform"
+    recipe: str = "default"  # engine.recipe: fills every setting below that is None
+    init: str | None = None
     corpus: str = DEFAULT_CORPUS
     corpus_config: str | None = None
     corpus_split: str | None = None
@@ -49,9 +50,16 @@ class JobInputs:
     lr: float = 5e-5
     micro_batch: int = 1
     grad_accum: int = 8
-    warmup_frac: float = 0.05
+    warmup_frac: float | None = None
+    warmup_max_steps: int | None = None
+    keep_partial_step: bool | None = None
+    patience: int | None = None  # 0: no early stopping
+    select_on: str | None = None
+    slice_dtype: str | None = None
     eval_every: int | None = None  # None: ten evaluation points over the run (every 50 steps by epochs)
     eval_blocks: int = 16
+    track_blocks: int = 16
+    track_texts: str | None = None
     checkpointing: bool = True
     seed: int = 0
     prompts: str | None = None
@@ -84,9 +92,13 @@ class JobInputs:
         diag = job.get("diagnosis") or {"thresholds": ev.get("thresholds", {})}
         th = diag.get("thresholds", {})
         second = plans[1] if len(plans) > 1 else {}
+        recorded = {k: train[k] for k in ("warmup_max_steps", "keep_partial_step", "select_on", "slice_dtype",
+                                          "track_blocks", "track_texts") if k in train}
+        if "patience" in train:
+            recorded["patience"] = train["patience"] or 0  # recorded None: none, whatever the recipe says
         values = dict(
             targets=plans[0].get("targets", ""), frozen=plans[0].get("frozen", ""),
-            pass2_targets=second.get("targets"), pass2_frozen=second.get("frozen"),
+            pass2_targets=second.get("targets"), pass2_frozen=second.get("frozen"), recipe=train.get("recipe", "default"),
             init=plans[0].get("init", "xavier_uniform"), corpus=corpus.get("source", DEFAULT_CORPUS),
             corpus_config=corpus.get("config"), corpus_split=corpus.get("split"),
             text_column=corpus.get("text_column", "text"), max_documents=corpus.get("max_documents"),
@@ -99,7 +111,7 @@ class JobInputs:
             sink=th.get("sink", 0.5), dead=th.get("dead", 0.95), low_entropy=th.get("low_entropy", 0.5),
             positional_local=th.get("positional_local", 0.5), sink_rate_epsilon=th.get("sink_rate_epsilon", 0.3),
             band_share=th.get("band_share", 0.3),
-            completions=ev.get("completion_prompts", 3), control=job.get("control"))
+            completions=ev.get("completion_prompts", 3), control=job.get("control"), **recorded)
         return cls(**{**values, **overrides})
 
     # --- pieces of the job ------------------------------------------------------------------------
@@ -113,14 +125,32 @@ class JobInputs:
                                                        sink_rate_epsilon=self.sink_rate_epsilon,
                                                        band_share=self.band_share))
 
+    def chosen(self, name: str):
+        """A recipe-dependent setting: the one given, else the recipe's."""
+        from .recipe import recipe
+
+        value = getattr(self, name)
+        return getattr(recipe(self.recipe), name) if value is None else value
+
     def train_config(self):
+        from .recipe import recipe
         from .train import TrainConfig
 
         steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
-        eval_every = self.eval_every or (max(1, steps // 10) if steps else 50)
+        if self.eval_every:
+            eval_every = self.eval_every
+        elif recipe(self.recipe).eval_at_epoch_ends and self.epochs:
+            eval_every = None  # at each epoch's end
+        else:
+            eval_every = max(1, steps // 10) if steps else 50
         return TrainConfig(lr=self.lr, micro_batch=self.micro_batch, grad_accum=self.grad_accum, seq_len=self.seq_len,
-                           steps=steps, epochs=self.epochs, warmup_frac=self.warmup_frac, eval_every=eval_every,
-                           eval_blocks=self.eval_blocks, gradient_checkpointing=self.checkpointing, seed=self.seed)
+                           steps=steps, epochs=self.epochs, warmup_frac=self.chosen("warmup_frac"),
+                           warmup_max_steps=self.chosen("warmup_max_steps"),
+                           keep_partial_step=self.chosen("keep_partial_step"), eval_every=eval_every,
+                           eval_blocks=self.eval_blocks, track_blocks=self.track_blocks,
+                           track_texts=_absolute(self.track_texts), select_on=self.chosen("select_on"),
+                           patience=self.chosen("patience") or None, slice_dtype=self.chosen("slice_dtype"),
+                           gradient_checkpointing=self.checkpointing, seed=self.seed, recipe=recipe(self.recipe).name)
 
     def corpus_spec(self):
         from .corpus import CorpusSpec
@@ -156,6 +186,8 @@ class JobInputs:
         self.diagnosis_settings()
         check_corpus(self.corpus_spec())
         load_prompts(self.prompts)
+        if self.track_texts:
+            load_prompts(self.track_texts, what="track texts file")
 
     def build_job(self, adapter, report=None):
         """The job for a loaded model; `report` (its diagnosis with these inputs' settings) resolves class
@@ -167,13 +199,14 @@ class JobInputs:
         from .surgery import SurgeryPlan
 
         first, *rest = self.specs()
-        plans = [SurgeryPlan.from_specs(*first, adapter, report=report, init=self.init, seed=self.seed)]
+        init = self.chosen("init")
+        plans = [SurgeryPlan.from_specs(*first, adapter, report=report, init=init, seed=self.seed)]
         deferred = None
         for targets, frozen in rest:
             if needs_report(targets) or needs_report(frozen):
-                deferred = {"targets": targets, "frozen": frozen or "", "init": self.init, "seed": self.seed + 1}
+                deferred = {"targets": targets, "frozen": frozen or "", "init": init, "seed": self.seed + 1}
             else:
-                plans.append(SurgeryPlan.from_specs(targets, frozen, adapter, init=self.init, seed=self.seed + 1))
+                plans.append(SurgeryPlan.from_specs(targets, frozen, adapter, init=init, seed=self.seed + 1))
         diagnosis = self.diagnosis_settings()
         evaluation = EvalSettings(thresholds=diagnosis.thresholds, completion_prompts=self.completions)
         return SurgeryJob(plans, self.corpus_spec(), self.train_config(), evaluation, diagnosis=diagnosis,

@@ -128,13 +128,16 @@ def test_the_workbench_dialog_and_the_cli_build_the_same_job(planted_dir, corpus
     from tui.entry import build_parser
 
     loaded = load_model(str(planted_dir), device="cpu")
-    fields = {"corpus": str(corpus), "steps": "7", "lr": "0.001", "seq_len": "64", "seed": "3"}
-    from_dialog = dialog_job_inputs(fields, set(PLANTED), {(1, 1)}, None).build_job(loaded.adapter)
-    args = build_parser().parse_args(["operate", "--targets", "0.3,2.1", "--frozen", "1.1", "--corpus", str(corpus),
-                                      "--steps", "7", "--lr", "0.001", "--seq-len", "64", "--seed", "3"])
-    from_cli = JobInputs.from_namespace(args).build_job(loaded.adapter)
-    assert from_dialog.to_dict() == from_cli.to_dict()
-    assert from_cli.train.eval_every == 1 and from_cli.diagnosis.max_len == 512  # one set of defaults
+    for recipe in ("default", "paper"):
+        fields = {"corpus": str(corpus), "steps": "7", "lr": "0.001", "seq_len": "64", "seed": "3", "recipe": recipe}
+        from_dialog = dialog_job_inputs(fields, set(PLANTED), {(1, 1)}, None).build_job(loaded.adapter)
+        args = build_parser().parse_args(["operate", "--targets", "0.3,2.1", "--frozen", "1.1", "--corpus", str(corpus),
+                                          "--steps", "7", "--lr", "0.001", "--seq-len", "64", "--seed", "3",
+                                          "--recipe", recipe])
+        from_cli = JobInputs.from_namespace(args).build_job(loaded.adapter)
+        assert from_dialog.to_dict() == from_cli.to_dict() and from_cli.train.recipe == recipe
+        assert from_cli.train.eval_every == 1 and from_cli.diagnosis.max_len == 512  # one set of defaults
+    assert from_cli.train.slice_dtype == "bf16" and from_cli.plans[0].init == "xavier_uniform_block"
 
 
 def test_existing_outputs_are_refused_before_any_work(planted_dir, corpus, tmp_path, capsys):

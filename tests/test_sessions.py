@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from engine.operation import PATCH_FILE
 from engine.patch import load_patch
 from engine.prompts import builtin_prompts
 from engine.session import Session
+from engine.train import TrainConfig
 from tui.entry import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "sessions" / "examples" / "organism-band-sinks.json"
@@ -31,7 +33,12 @@ def test_replaying_the_organism_example_reproduces_its_recorded_run(tmp_path):
     replay = Session.load(tmp_path / "replay" / "session.json")
     original = Session.load(EXAMPLE)
     assert replay.status == "finished" and replay.derived_from == str(EXAMPLE.resolve())
-    assert replay.job["plans"] == original.job["plans"] and replay.job["train"] == original.job["train"]
+    assert replay.job["plans"] == original.job["plans"]
+    # every recorded training setting as recorded; settings newer than the session at their defaults
+    defaults = asdict(TrainConfig(steps=1))
+    assert replay.job["train"] == {**{k: v for k, v in defaults.items() if k not in ("steps", "epochs")},
+                                   **original.job["train"]}
+    assert replay.job["train"]["recipe"] == "default" and "recipe" not in original.job["train"]
     assert [a["action"] for a in replay.actions][-2:] == ["diagnose", "replay"]
     ours = [p for p in replay.eval_points() if p.label != "before"]
     theirs = original.eval_points()
