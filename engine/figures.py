@@ -195,18 +195,22 @@ def sick_per_head_figure(Figure, inputs: FigureInputs):
 
 
 def perplexity_figure(Figure, inputs: FigureInputs):
-    """Held-out and training perplexity over the steps of the surgery (and of the control arm, dashed)."""
-    fig = Figure(figsize=(11.0, 4.0), layout="constrained")
+    """Held-out and training perplexity over the steps of the surgery (and of the control arm, dashed); a
+    third panel for the tracked in-domain set (the paper's training PPL) when the run measured one."""
     arms = [("surgery", inputs.history or [], SURGERY_STYLE)]
     if inputs.control is not None:
         arms.append(("control", inputs.control.get("history") or [], CONTROL_STYLE))
-    for ax, key, title in zip(fig.subplots(1, 2), ("heldout_ppl", "train_ppl"), ("held-out", "training")):
+    panels = [("heldout_ppl", "held-out", "heldout_before"), ("train_ppl", "training", None)]
+    if any(p.get("tracked_ppl") is not None for p in inputs.history or []):
+        panels.append(("tracked_ppl", "tracked in-domain set", "tracked_before"))
+    fig = Figure(figsize=(5.5 * len(panels), 4.0), layout="constrained")
+    for ax, (key, title, before) in zip(fig.subplots(1, len(panels)), panels):
         for label, history, style in arms:
             steps, values = ppl_series(history, key)
             ax.plot(steps, values, marker="o", markersize=3, label=label, zorder=3 if label == "surgery" else 2,
                     **style)
-        if key == "heldout_ppl" and (inputs.ppl or {}).get("heldout_before") is not None:
-            ax.axhline(inputs.ppl["heldout_before"], color="0.3", linestyle=":", linewidth=1, label="before surgery")
+        if before and (inputs.ppl or {}).get(before) is not None:
+            ax.axhline(inputs.ppl[before], color="0.3", linestyle=":", linewidth=1, label="before surgery")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{title} perplexity")
         ax.set_title(f"{title} perplexity")

@@ -116,6 +116,19 @@ def test_the_control_arm_is_drawn_dashed_when_present(tmp_path):
     assert len(figures["drift_per_column"].axes[0].patches) == 2 * N_HEAD
 
 
+def test_a_tracked_set_gets_its_own_panel_with_its_before_line(tmp_path):
+    report = operation_report()
+    for n, point in enumerate(report["history"]):
+        point["tracked_ppl"] = 15.0 - n
+    report["ppl"]["tracked_before"] = 16.0
+    axes = build_figures(load_inputs(run_dir(tmp_path, report)))["perplexity"].axes
+    assert len(axes) == 3 and axes[2].get_title() == "tracked in-domain set perplexity"
+    surgery, before = axes[2].get_lines()
+    assert list(surgery.get_ydata()) == [15.0, 14.0, 13.0, 12.0, 11.0] and list(before.get_ydata()) == [16.0, 16.0]
+    (tmp_path / "plain").mkdir()
+    assert len(build_figures(load_inputs(run_dir(tmp_path / "plain", operation_report())))["perplexity"].axes) == 2
+
+
 def test_a_diagnosis_gives_only_its_figures(tmp_path):
     source = tmp_path / "d.json"
     source.write_text(json.dumps(diagnosis(0)))

@@ -53,13 +53,14 @@ def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | No
         return replace(base, targets=format_heads(targets), frozen=format_heads(frozen), corpus=fields["corpus"],
                        steps=int(fields["steps"]), epochs=None, lr=float(fields["lr"]),
                        seq_len=int(fields["seq_len"]), seed=int(fields["seed"]),
-                       control="sham" if fields.get("control") else None)
+                       recipe=fields.get("recipe") or base.recipe, control="sham" if fields.get("control") else None)
     except ValueError as exc:
         raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
 
 
 DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],
-                   "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"], "control": False}
+                   "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"], "recipe": JOB_DEFAULTS["recipe"],
+                   "control": False}
 SHORT_CLASS = {"bos-sink": "sink", "low-entropy": "low-ent"}
 
 
@@ -404,7 +405,8 @@ class HeadSurgeonApp(App[int]):
             line = f"{event.phase}: {event.detail}"
         elif isinstance(event, EvalMetrics):
             ppl = f"{event.heldout_ppl:.3f}" if event.heldout_ppl is not None else "?"
-            line = f"eval {event.label or ''} step {event.step}: held-out ppl {ppl}"
+            tracked = f", tracked {event.tracked_ppl:.3f}" if event.tracked_ppl is not None else ""
+            line = f"eval {event.label or ''} step {event.step}: held-out ppl {ppl}{tracked}"
         elif isinstance(event, Checkpoint) and event.best:
             line = f"best checkpoint at step {event.step}"
         elif isinstance(event, Resumed):
@@ -709,7 +711,8 @@ class HeadSurgeonApp(App[int]):
             self.base_inputs = JobInputs.from_job(session.job)
             b = self.base_inputs
             self.surgery_defaults = {"corpus": b.corpus, "steps": b.train_config().steps or DEFAULT_STEPS, "lr": b.lr,
-                                     "seq_len": b.seq_len, "seed": b.seed, "control": b.control == "sham"}
+                                     "seq_len": b.seq_len, "seed": b.seed, "recipe": b.recipe,
+                                     "control": b.control == "sham"}
         self.refresh_panes()
 
     def _show_legacy(self, session: Session) -> None:
