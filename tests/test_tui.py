@@ -192,7 +192,8 @@ async def test_summary_keeps_five_rows_at_80x24_before_surgery(planted_dir):
             assert inner.y >= 0 and inner.bottom <= footer.y  # every row of it on screen
             assert summary.region.bottom <= app.query_one("#side").region.bottom  # not clipped by its column
             lines = [line[inner.x:inner.right] for line in screen_lines(app)[inner.y:inner.bottom]]
-            for names, line in zip((("healthy", "sink"), ("dead", "low-ent"), ("positional",)), lines):
+            rate = f"rate {100 * app.report.sink_rate()[1]:.0f}%"  # Gu et al.'s sink rate beside the last class
+            for names, line in zip((("healthy", "sink"), ("dead", "low-ent"), ("posit", rate)), lines):
                 assert all(name in line for name in names), line  # the class counts are its first rows, two a row
 
         check()

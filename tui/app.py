@@ -61,7 +61,14 @@ def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | No
 DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],
                    "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"], "recipe": JOB_DEFAULTS["recipe"],
                    "control": False}
-SHORT_CLASS = {"bos-sink": "sink", "low-entropy": "low-ent"}
+SHORT_CLASS = {"bos-sink": "sink", "low-entropy": "low-ent", "positional": "posit"}
+
+
+def _sink_rate_and_band(report: HeadReport) -> str:
+    """Gu et al.'s sink rate and the paper's band (head indices sick in more than band_share of the layers)."""
+    band = report.band()
+    heads = ",".join("H" + item.removeprefix("0.") for item in format_heads((0, h) for h in band).split(","))
+    return f"sink rate {100 * report.sink_rate()[1]:.0f}% · band {heads if band else 'none'}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -275,10 +282,7 @@ class HeadSurgeonApp(App[int]):
         self.report, self.after, self.point = report, None, None
         self._set_grid(report)
         counts = report.counts()
-        band = report.band()
-        heads = ",".join("H" + item.removeprefix("0.") for item in format_heads((0, h) for h in band).split(","))
-        self.set_status(f"diagnosed {report.n_prompts} prompts · sink rate {100 * report.sink_rate()[1]:.0f}% · band "
-                        + (heads if band else "none"))
+        self.set_status(f"diagnosed {report.n_prompts} prompts · {_sink_rate_and_band(report)}")
         self.log_line("diagnosis: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         self.query_one(ProgressBar).update(total=1, progress=1)
         self.refresh_panes()
@@ -548,7 +552,9 @@ class HeadSurgeonApp(App[int]):
         for i, name in enumerate(CLASS_NAMES):  # two classes a line: the pane is 24 columns at 80x24
             text.append(" ", style=self.grid.class_style(name))
             cell = f"{SHORT_CLASS.get(name, name)} {counts.get(name, '-')}"
-            text.append(f"{cell:<11}" if i % 2 == 0 and i + 1 < len(CLASS_NAMES) else f"{cell}\n")
+            text.append(f"{cell:<11}" if i % 2 == 0 else f"{cell}\n")
+        if len(CLASS_NAMES) % 2:  # beside the last class: Gu et al.'s sink rate at the point shown (the band: status)
+            text.append(f" rate {100 * report.sink_rate()[1]:.0f}%\n" if report is not None else "\n")
         text.append(f"targets {len(data.targets)}  frozen {len(data.frozen)}\n")
         recovery = self.recovery
         if recovery is not None:
