@@ -131,8 +131,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(planted_dir, 
     assert meta["step"] >= 1 and all(torch.isfinite(t).all() for t in tensors.values())
 
 
-def test_cancelled_run_resumes_to_the_same_patch(planted_dir, corpus_file, tmp_path):
-    job = lambda: _job(corpus_file, steps=6, eval_every=1)  # noqa: E731
+PAPER_TRAIN = dict(slice_dtype="bf16", select_on="tracked", track_blocks=4, patience=4, keep_partial_step=True,
+                   warmup_frac=0.25, warmup_max_steps=100, recipe="paper")
+
+
+@pytest.mark.parametrize("recipe", [{}, PAPER_TRAIN], ids=["default", "paper"])
+def test_cancelled_run_resumes_to_the_same_patch(planted_dir, corpus_file, tmp_path, recipe):
+    job = lambda: _job(corpus_file, steps=6, eval_every=1, **recipe)  # noqa: E731
     _, full, _ = _run(planted_dir, corpus_file, tmp_path / "full", job=job())
     steps = {"n": 0}
 
@@ -153,6 +158,7 @@ def test_cancelled_run_resumes_to_the_same_patch(planted_dir, corpus_file, tmp_p
     b, _ = load_patch(tmp_path / "part" / PATCH_FILE)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert resumed["passes"][0]["best_step"] == full["passes"][0]["best_step"]
 
 
 def test_corpus_errors_are_one_line(planted_dir, tmp_path, capsys):
