@@ -103,8 +103,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the perplexity that picks the kept checkpoint (default heldout; paper tracked)")
     p.add_argument("--slice-dtype", choices=SLICE_DTYPE_NAMES,
                    help="dtype of the trained slices and AdamW's moments (default fp32; paper bf16)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default: ten points per run; "
-                   "paper with --epochs: each epoch's end)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default: ten points over --steps, "
+                   "every 50 steps over --epochs; paper with --epochs: each epoch's end)")
     p.add_argument("--eval-blocks", type=int, default=JOB_DEFAULTS["eval_blocks"], help="held-out blocks for perplexity")
     p.add_argument("--track-blocks", type=int, default=JOB_DEFAULTS["track_blocks"],
                    help="the tracked in-domain set measured at every evaluation: N training blocks, evenly spaced "

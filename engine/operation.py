@@ -300,8 +300,8 @@ def _last_ppl(passes: list[dict[str, Any]]) -> float:
 
 def verdict(surgery: dict[str, Any], control: dict[str, Any], tolerance: float = 0.005) -> dict[str, Any]:
     """Held-out perplexity of the surgery against its sham control: of the checkpoint each arm keeps (its
-    lowest held-out perplexity, selected on these same blocks) and at its last evaluation point; within
-    `tolerance` (relative) they tie."""
+    lowest selection perplexity: these same held-out blocks, or the tracked set with select_on tracked) and at
+    its last evaluation point; within `tolerance` (relative) they tie."""
     def lower(a: float, b: float) -> str:
         if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) <= tolerance * min(a, b):
             return "tie"

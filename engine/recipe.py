@@ -41,6 +41,8 @@ PAPER = Recipe(name="paper", init="xavier_uniform_block", slice_dtype="bf16", wa
                keep_partial_step=True, patience=6, select_on="tracked", eval_at_epoch_ends=True)
 
 RECIPES = {r.name: r for r in (DEFAULT, PAPER)}
+# JobInputs' fields that a recipe fills in when they are not given (eval_at_epoch_ends acts on eval_every)
+RECIPE_FIELDS = ("init", "slice_dtype", "warmup_frac", "warmup_max_steps", "keep_partial_step", "patience", "select_on")
 
 # Why each of the paper's choices differs from the default (README and `operate --help`).
 WHY = {
@@ -56,7 +58,8 @@ WHY = {
     "select_on": "the kept checkpoint (and early stopping) is chosen on the tracked in-domain set, the scripts' "
                  "'quick PPL' texts; the default chooses on the held-out blocks the verdict also reports",
     "eval_at_epoch_ends": "a run given in epochs is evaluated and checkpointed at each epoch's end, as the scripts "
-                          "(checkpoint interval 1); the default evaluates ten times per run",
+                          "(checkpoint interval 1); the default evaluates ten times over --steps, every 50 steps "
+                          "over --epochs",
 }
 
 

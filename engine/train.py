@@ -74,7 +74,8 @@ class TrainConfig:
             raise InputError("steps and epochs must be at least 1")
         if not (self.lr >= 0 and math.isfinite(self.lr)):  # 0 is a control: re-initialise, train nothing
             raise InputError(f"the learning rate must be zero or a positive number (got {self.lr})")
-        if min(self.micro_batch, self.grad_accum, self.eval_blocks) < 1 or (self.eval_every or 1) < 1:
+        if min(self.micro_batch, self.grad_accum, self.eval_blocks) < 1 or (self.eval_every is not None
+                                                                             and self.eval_every < 1):
             raise InputError("micro batch, accumulation, eval interval and eval blocks must be at least 1")
         if self.slice_dtype not in SLICE_DTYPES:
             raise InputError(f"slice dtype must be {' or '.join(SLICE_DTYPES)} (got {self.slice_dtype!r})")
@@ -363,6 +364,12 @@ class SurgeryRun:
             per_epoch = c.steps_per_epoch(len(self.corpus.train))
             self.sink.emit(PhaseChanged(self.pass_name, f"{len(self.plan.targets)} target heads, {self.total} steps, "
                                         f"{sum(p.numel() for p in self.slices.parameters()):,} trainable values"))
+            model_dtype = next(self.model.parameters()).dtype
+            if SLICE_DTYPES[c.slice_dtype] != model_dtype and c.slice_dtype == "bf16":
+                self.sink.emit(Notice(f"{self.pass_name}: bf16 slices on a {str(model_dtype).replace('torch.', '')} "
+                                      "model: the targets' slices are rounded to bf16 before training (a sham arm "
+                                      "starts from the rounded values, not exactly the base); run the model in bf16, "
+                                      "as the paper's scripts did, for pure bf16"))
             if start == 0:
                 with torch.no_grad(), self._fast():
                     ids = self.corpus.train[step_blocks(c, len(self.corpus.train), 0)].to(self.device)
@@ -371,7 +378,9 @@ class SurgeryRun:
                 self._checkpoint(0, self.evaluate(0, loss0), epoch_end=False)
             t0, tokens, window = time.perf_counter(), 0, []
             step = start
-            while step < self.total:
+            # a pass that had run out of patience when it was interrupted trains no further on resume
+            stopped = 0 < start < self.total and self._out_of_patience()
+            while step < self.total and not stopped:
                 if self.cancelled():  # stop at this step boundary and keep a state that `resume` continues
                     self.result.cancelled = True
                     if step > start:
@@ -382,7 +391,7 @@ class SurgeryRun:
                 step += 1
                 if not math.isfinite(loss):
                     return self._diverged(step, loss)
-                tokens += c.blocks_per_step * c.seq_len
+                tokens += len(step_blocks(c, len(self.corpus.train), step - 1)) * c.seq_len  # partial steps too
                 window.append(loss)
                 elapsed = time.perf_counter() - t0
                 self.sink.emit(StepMetrics(step, self.total, loss, self.scheduler.get_last_lr()[0], grad_norm,
@@ -392,7 +401,7 @@ class SurgeryRun:
                     point = self.evaluate(step, sum(window) / len(window))
                     window = []
                     self._checkpoint(step, point, epoch_end)
-                    if self._out_of_patience():
+                    if step < self.total and self._out_of_patience():
                         break
             self.result.steps_done = step
             self.result.train_seconds = round(time.perf_counter() - t0, 2)

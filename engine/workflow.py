@@ -137,6 +137,8 @@ class JobInputs:
         from .train import TrainConfig
 
         steps = self.steps if self.steps is not None or self.epochs is not None else DEFAULT_STEPS
+        if self.eval_every is not None and self.eval_every < 1:
+            raise InputError(f"evaluate every N steps needs N of at least 1 (got {self.eval_every})")
         if self.eval_every:
             eval_every = self.eval_every
         elif recipe(self.recipe).eval_at_epoch_ends and self.epochs:
@@ -145,7 +147,9 @@ class JobInputs:
             eval_every = max(1, steps // 10) if steps else 50
         return TrainConfig(lr=self.lr, micro_batch=self.micro_batch, grad_accum=self.grad_accum, seq_len=self.seq_len,
                            steps=steps, epochs=self.epochs, warmup_frac=self.chosen("warmup_frac"),
-                           warmup_max_steps=self.chosen("warmup_max_steps"),
+                           # a warm-up share given without a cap is not capped by the recipe's
+                           warmup_max_steps=self.warmup_max_steps if self.warmup_frac is not None
+                           else self.chosen("warmup_max_steps"),
                            keep_partial_step=self.chosen("keep_partial_step"), eval_every=eval_every,
                            eval_blocks=self.eval_blocks, track_blocks=self.track_blocks,
                            track_texts=_absolute(self.track_texts), select_on=self.chosen("select_on"),

@@ -21,8 +21,8 @@ from engine.patch import load_patch
 from engine.prompts import builtin_prompts
 from engine.recipe import DEFAULT, PAPER, differences, recipe
 from engine.surgery import SurgeryPlan, init_head_weights
-from engine.tracked import track_blocks
-from engine.train import STATE_FILE, TrainConfig, step_blocks
+from engine.tracked import TrackedSet, track_blocks
+from engine.train import STATE_FILE, SurgeryRun, TrainConfig, step_blocks
 from engine.workflow import JobInputs
 from helpers import run_in_process, tiny_model
 
@@ -41,12 +41,12 @@ def _inputs(corpus, **kw) -> JobInputs:
     return JobInputs(**values)
 
 
-def _run(planted_dir, inputs: JobInputs, out):
+def _run(planted_dir, inputs: JobInputs, out, resume: bool = False):
     loaded = load_model(str(planted_dir), device="cpu")
     job = inputs.build_job(loaded.adapter)
     job.evaluation.ablation_blocks = 2
     sink = ListSink()
-    return loaded, run_job(loaded, job, out, sink=sink), sink
+    return loaded, run_job(loaded, job, out, sink=sink, resume=resume), sink
 
 
 def test_block_xavier_draws_the_whole_qkv_block_as_nn_init_does():
@@ -84,6 +84,29 @@ def test_the_paper_recipe_fills_what_is_not_given_and_a_given_setting_wins(corpu
         _inputs(corpus, recipe="papr").train_config()
     with pytest.raises(InputError, match="needs one"):
         TrainConfig(select_on="tracked", track_blocks=0)
+    with pytest.raises(InputError, match="at least 1"):
+        _inputs(corpus, eval_every=0).train_config()
+    with pytest.raises(InputError, match="at least 1"):
+        TrainConfig(eval_every=0)
+    # a warm-up share given under the paper recipe is not capped by the recipe's 100 steps; a cap given is kept
+    assert _inputs(corpus, recipe="paper", warmup_frac=0.5).train_config().warmup_steps(405) == 202
+    assert _inputs(corpus, recipe="paper", warmup_frac=0.5, warmup_max_steps=10).train_config().warmup_steps(405) == 10
+
+
+def test_the_dialog_switching_a_loaded_session_to_another_recipe_takes_that_recipe_whole(corpus):
+    from tui.app import dialog_job_inputs
+
+    adapter = adapter_for(tiny_model())
+    fields = {"corpus": str(corpus), "steps": "5", "lr": "0.001", "seq_len": "32", "seed": "0"}
+    for old, new in (("paper", "default"), ("default", "paper")):
+        base = JobInputs.from_job(_inputs(corpus, recipe=old).build_job(adapter).to_dict())
+        switched = dialog_job_inputs({**fields, "recipe": new}, [(0, 3)], [], None, base).build_job(adapter)
+        fresh = dialog_job_inputs({**fields, "recipe": new}, [(0, 3)], [], None).build_job(adapter)
+        keys = ("recipe", "slice_dtype", "select_on", "patience", "warmup_frac", "warmup_max_steps", "keep_partial_step")
+        assert {k: switched.train.__dict__[k] for k in keys} == {k: fresh.train.__dict__[k] for k in keys}
+        assert switched.plans[0].init == fresh.plans[0].init == recipe(new).init
+        kept = dialog_job_inputs({**fields, "recipe": old}, [(0, 3)], [], None, base).build_job(adapter)
+        assert kept.train.slice_dtype == recipe(old).slice_dtype  # the same recipe keeps the session's settings
 
 
 def test_a_recorded_paper_job_gives_back_the_same_inputs(corpus):
@@ -143,8 +166,10 @@ def test_paper_recipe_trains_bf16_slices_selects_on_the_tracked_set_and_counts_c
     assert report["passes"][0]["best_heldout_ppl"] == pytest.approx(best["heldout_ppl"])
     ppl = report["ppl"]
     assert ppl["tracked_before"] > 1 and ppl["tracked_after"] == pytest.approx(best["tracked_ppl"], rel=1e-4)
-    # the sham arm's step 0 is the base model: its tracked perplexity is the one measured before
-    assert report["control"]["history"][0]["tracked_ppl"] == pytest.approx(ppl["tracked_before"], rel=1e-6)
+    # the sham arm's step 0 is the base model with the targets' slices rounded to bf16 (this model is fp32), and
+    # the run says so
+    assert report["control"]["history"][0]["tracked_ppl"] == pytest.approx(ppl["tracked_before"], rel=1e-3)
+    assert any("rounded to bf16" in e.message for e in sink.of(Notice))
     assert [e.tracked_ppl for e in sink.of(EvalMetrics) if e.label == "pass-1"] == [p["tracked_ppl"] for p in history]
     counts = report["class_counts"]
     assert set(counts) == {"before", "pass-1", "after"} and "class_counts" in report["control"]
@@ -160,6 +185,44 @@ def test_early_stopping_ends_a_pass_that_stops_improving(planted_dir, corpus, tm
     assert passed["stopped_early"] and passed["steps_done"] == 3 and passed["best_step"] == 1
     assert [p["step"] for p in report["history"]] == [0, 1, 2, 3]
     assert any("early stop at step 3" in e.message for e in sink.of(Notice))
+    # patience reached exactly at the last step is the end of the pass, not an early stop
+    _, last, _ = _run(planted_dir, _inputs(corpus, steps=3, lr=0.0, patience=2), tmp_path / "last")
+    assert last["passes"][0]["steps_done"] == 3 and not last["passes"][0]["stopped_early"]
+
+
+def test_a_pass_interrupted_after_running_out_of_patience_trains_no_further_on_resume(planted_dir, corpus, tmp_path):
+    loaded = load_model(str(planted_dir), device="cpu")
+    job = _inputs(corpus, steps=10, lr=0.0, patience=2).build_job(loaded.adapter)
+    job.evaluation.ablation_blocks = 2
+    run = tmp_path / "run"
+    original = SurgeryRun._out_of_patience
+
+    def dies_on_stopping(self):  # the process dies between the stop and the pass's done marker
+        if original(self):
+            raise KeyboardInterrupt
+        return False
+
+    SurgeryRun._out_of_patience = dies_on_stopping
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_job(loaded, job, run)
+    finally:
+        SurgeryRun._out_of_patience = original
+    _, resumed, _ = _run(planted_dir, _inputs(corpus, steps=10, lr=0.0, patience=2), run, resume=True)
+    passed = resumed["passes"][0]
+    assert passed["stopped_early"] and passed["steps_done"] == 3 and passed["best_step"] == 1
+
+
+def test_the_kept_checkpoint_follows_the_selection_perplexity(planted_dir, corpus, tmp_path, monkeypatch):
+    # the tracked set's loss (before, steps 0-4, after): lowest at step 1, while held-out falls on
+    values = iter([2.0, 2.0, 1.0, 1.5, 1.5, 1.5, 1.0])  # and after: the kept step 1
+    monkeypatch.setattr(TrackedSet, "loss", lambda self, model, batch_size=8: next(values))
+    loaded, report, _ = _run(planted_dir, _inputs(corpus, select_on="tracked"), tmp_path)
+    history, passed = report["history"], report["passes"][0]
+    heldout_best = min((p for p in history if p["step"] > 0), key=lambda p: p["heldout_ppl"])["step"]
+    assert heldout_best != 1  # the two perplexities disagree, so the test tells them apart
+    assert passed["best_step"] == 1 and passed["best_selection_ppl"] == pytest.approx(math.exp(1.0))
+    assert passed["best_heldout_ppl"] == pytest.approx(history[1]["heldout_ppl"])
 
 
 def test_track_texts_measure_the_given_file(planted_dir, corpus, tmp_path):

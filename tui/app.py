@@ -27,6 +27,7 @@ from engine.events import (Checkpoint, DiagnosisProgress, EvalMetrics, Notice, P
                            RunFinished, RunStarted, event_from_dict)
 from engine.model import check_identity, load_model, model_identity
 from engine.prompts import load_prompts
+from engine.recipe import RECIPE_FIELDS
 from engine.report import HeadReport
 from engine.report import Thresholds
 from engine.runner import RunSpec, cancel, is_live, list_runs, run_state, session_state
@@ -49,11 +50,13 @@ def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | No
     """The surgery dialog's fields and the grid's marks as the same inputs the CLI builds from flags;
     `base` (a loaded session's job) supplies every setting the dialog does not show."""
     base = base or JobInputs(targets="", prompts=prompts)
+    if fields.get("recipe") and fields["recipe"] != base.recipe:  # another recipe: its choices, not the session's
+        base = replace(base, recipe=fields["recipe"], **dict.fromkeys(RECIPE_FIELDS))
     try:
         return replace(base, targets=format_heads(targets), frozen=format_heads(frozen), corpus=fields["corpus"],
                        steps=int(fields["steps"]), epochs=None, lr=float(fields["lr"]),
                        seq_len=int(fields["seq_len"]), seed=int(fields["seed"]),
-                       recipe=fields.get("recipe") or base.recipe, control="sham" if fields.get("control") else None)
+                       control="sham" if fields.get("control") else None)
     except ValueError as exc:
         raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
 
