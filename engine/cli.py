@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from .errors import HeadSurgeonError, InputError
+from .arch import SUPPORTED
 from .recipe import INIT_SCHEMES, RECIPES, SLICE_DTYPE_NAMES
 from .workflow import DEFAULT_CORPUS, DEFAULT_STEPS, JOB_DEFAULTS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="hub id (e.g. bigscience/bloom-560m) or local directory; default: the bundled organism")
+    p.add_argument("--model", help="hub id (e.g. bigscience/bloom-560m, mosaicml/mpt-7b, tiiuae/falcon-rw-1b) or local "
+                   "directory of a BLOOM, MPT or Falcon-RW model; default: the bundled organism")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
@@ -405,7 +407,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("diagnose", help="measure every head and classify it (healthy / BOS-sink / dead / low-entropy "
-                       "/ positional)")
+                       "/ positional)", description="Measure every head of an ALiBi model and classify it. Supported "
+                       f"families: {SUPPORTED}.")
     add_model_args(p)
     add_diagnosis_args(p)
     p.add_argument("--json", help="write the report as JSON to this new file")

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .arch import BloomAdapter, base_model
+from .arch import Adapter, base_model
+from .fastpath import probabilities_exposed
 from .errors import InputError
 from .events import DiagnosisProgress, NullSink, Sink
 from .report import HeadReport, Thresholds
@@ -78,7 +79,7 @@ def query_weights(attention_mask: torch.Tensor) -> torch.Tensor:
 class HeadStatsCollector:
     """Hooks that accumulate per-head sums over every batch run while attached."""
 
-    def __init__(self, model: torch.nn.Module, adapter: BloomAdapter):
+    def __init__(self, model: torch.nn.Module, adapter: Adapter):
         self.model, self.adapter = model, adapter
         # Sums stay on the model's device until `means()`: a copy to the host per layer would stall the GPU.
         # Rows: BOS mass, entropy, local mass, head output norm.
@@ -109,7 +110,7 @@ class HeadStatsCollector:
 
     def _attention_hook(self, layer: int):
         def hook(module, args, output):
-            probs = output[1]  # [B, H, Lq, Lk], returned by BloomAttention in every supported version
+            probs = output[1]  # [B, H, Lq, Lk]: returned by every family's attention (see fastpath.probabilities_exposed)
             if probs is None or self._weights is None:
                 return
             with torch.no_grad():
@@ -164,7 +165,7 @@ class HeadStatsCollector:
 @torch.no_grad()
 def run_statistics(
     model: torch.nn.Module,
-    adapter: BloomAdapter,
+    adapter: Adapter,
     token_ids: list[list[int]],
     *,
     batch_size: int = 8,
@@ -180,7 +181,7 @@ def run_statistics(
     model.eval()
     done = 0
     try:
-        with HeadStatsCollector(model, adapter) as collector:
+        with HeadStatsCollector(model, adapter) as collector, probabilities_exposed(model, adapter):
             for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
                 if cancelled():
                     break
@@ -203,6 +204,7 @@ def diagnose(
 ) -> HeadReport:
     """Diagnose every head of a `LoadedModel` on `prompts`."""
     settings = settings or DiagnosisSettings()
+    loaded.adapter.check_length(settings.max_len, "diagnosis max length")
     tok = loaded.tokenizer
     token_ids = tokenize_prompts(tok, prompts, settings.max_len)
     if not token_ids:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .arch import BloomAdapter, base_model
+from .arch import Adapter, base_model
 from .diagnosis import right_padded_batches
 from .loss import causal_lm_loss
 from .report import HEALTHY, SICK, HeadReport, Thresholds
@@ -74,7 +74,7 @@ def prompt_loss(model, token_ids: list[list[int]], pad_id: int, batch_size: int 
 
 
 @contextmanager
-def heads_ablated(model, adapter: BloomAdapter, heads: list[Head]):
+def heads_ablated(model, adapter: Adapter, heads: list[Head]):
     """Zero the context vectors of `heads` before their layer's `dense` (the head contributes nothing)."""
     handles = []
     by_layer: dict[int, list[int]] = {}
@@ -94,7 +94,7 @@ def heads_ablated(model, adapter: BloomAdapter, heads: list[Head]):
             handle.remove()
 
 
-def ablation_deltas(model, adapter: BloomAdapter, heads: list[Head], blocks: torch.Tensor, batch_size: int = 8,
+def ablation_deltas(model, adapter: Adapter, heads: list[Head], blocks: torch.Tensor, batch_size: int = 8,
                     base_loss: float | None = None) -> dict[str, float]:
     """Per head: loss with that head's output zeroed minus the intact loss (> 0: the head helps)."""
     if base_loss is None:
@@ -211,7 +211,7 @@ def iatrogenic(before: HeadReport, after: HeadReport, targets: list[Head]) -> li
 
 
 @torch.no_grad()
-def mlp_activation_dormancy(model, adapter: BloomAdapter, token_ids: list[list[int]], pad_id: int, threshold: float,
+def mlp_activation_dormancy(model, adapter: Adapter, token_ids: list[list[int]], pad_id: int, threshold: float,
                             batch_size: int = 8) -> list[float]:
     """Per layer: share of MLP hidden units whose |GeLU output| never exceeds `threshold` on the prompts."""
     device = next(model.parameters()).device
@@ -225,7 +225,7 @@ def mlp_activation_dormancy(model, adapter: BloomAdapter, token_ids: list[list[i
             peak = act.amax(dim=(0, 1)).cpu()
             peaks[i] = peak if peaks[i] is None else torch.maximum(peaks[i], peak)
 
-        handles.append(block.mlp.dense_4h_to_h.register_forward_pre_hook(hook))
+        handles.append(adapter.mlp_out(block).register_forward_pre_hook(hook))
     try:
         for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
             current_mask[:] = [mask.to(device, torch.float32)]
@@ -239,14 +239,13 @@ def mlp_activation_dormancy(model, adapter: BloomAdapter, token_ids: list[list[i
 
 
 @torch.no_grad()
-def mlp_unit_strengths(model, adapter: BloomAdapter) -> list[torch.Tensor]:
-    """Per layer, per MLP unit: ||its input row of dense_h_to_4h|| x ||its output column of dense_4h_to_h||."""
-    mlps = [block.mlp for block in adapter.blocks(model)]
-    return [(m.dense_h_to_4h.weight.float().norm(dim=1) * m.dense_4h_to_h.weight.float().norm(dim=0)).cpu()
-            for m in mlps]
+def mlp_unit_strengths(model, adapter: Adapter) -> list[torch.Tensor]:
+    """Per layer, per MLP unit: ||its input row of the up projection|| x ||its output column of the down one||."""
+    return [(adapter.mlp_in(b).weight.float().norm(dim=1) * adapter.mlp_out(b).weight.float().norm(dim=0)).cpu()
+            for b in adapter.blocks(model)]
 
 
-def mlp_weight_dormancy(model, adapter: BloomAdapter, threshold: float = 0.01) -> list[int]:
+def mlp_weight_dormancy(model, adapter: Adapter, threshold: float = 0.01) -> list[int]:
     """Per layer: MLP units dormant as the paper defines it, unit strength (`mlp_unit_strengths`) below
     `threshold`: a unit that reads or writes almost nothing, whatever the data."""
     return [int((strength < threshold).sum()) for strength in mlp_unit_strengths(model, adapter)]

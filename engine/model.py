@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .arch import BloomAdapter, adapter_for
-from .errors import ModelLoadError
+from .arch import SUPPORTED, Adapter, adapter_for
+from .errors import ModelLoadError, UnsupportedModelError
 from .preflight import hub_offline, hub_unreachable
 from .runtime import resolve_device, resolve_dtype
 
@@ -25,7 +25,7 @@ class LoadedModel:
 
     model: torch.nn.Module
     tokenizer: object
-    adapter: BloomAdapter
+    adapter: Adapter
     ref: str  # hub id, or absolute path of the local directory
     source: str  # "hub" | "local"
     revision: str | None
@@ -138,7 +138,11 @@ def load_model(
     except OSError as exc:
         error = _hub_error(ref, exc) if source == "hub" else ModelLoadError(f"cannot read config of {ref!r}: {exc}")
         raise error from exc
-    except ValueError as exc:  # unknown model_type in config.json
+    except ValueError as exc:  # unknown model_type in config.json, or one that needs its repository's own code
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise UnsupportedModelError(
+                f"{ref!r} needs its own modelling code (trust_remote_code), which head-surgeon never runs: it "
+                f"supports {SUPPORTED} through transformers' own code") from exc
         raise ModelLoadError(f"cannot read config of {ref!r}: {str(exc).splitlines()[0]}") from exc
     adapter = adapter_for(config)
     try:
@@ -180,7 +184,7 @@ def model_identity(loaded: LoadedModel) -> dict:
     a = loaded.adapter
     bundled = loaded.source == "local" and Path(loaded.ref) == BUNDLED_MODEL_DIR.resolve()
     ident = {"ref": BUNDLED_NAME if bundled else loaded.ref, "source": loaded.source, "revision": loaded.revision,
-             "n_layer": a.n_layer, "n_head": a.n_head, "hidden_size": a.hidden_size}
+             "family": a.family, "n_layer": a.n_layer, "n_head": a.n_head, "hidden_size": a.hidden_size}
     if loaded.source == "local":
         ident["weights_hash"] = weights_hash(loaded.ref)
     else:
@@ -191,6 +195,9 @@ def model_identity(loaded: LoadedModel) -> dict:
 def check_identity(recorded: dict, loaded: LoadedModel, what: str) -> None:
     """Raise if `loaded` is not the model `recorded` names (shape always; weights hash for local models)."""
     a = loaded.adapter
+    if recorded.get("family", "bloom") != a.family:  # records from before other families were BLOOM's
+        raise ModelLoadError(f"{what} was made for a {recorded.get('family')} model ({recorded.get('ref')}), not "
+                             f"{loaded.name} ({a.family}): open the model it was made from")
     shape = (recorded.get("n_layer"), recorded.get("n_head"), recorded.get("hidden_size"))
     if shape != (a.n_layer, a.n_head, a.hidden_size):
         raise ModelLoadError(

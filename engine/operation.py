@@ -332,6 +332,8 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         plan.check_fits(loaded.adapter)
     ctx = _Job(loaded, job, out, sink, cancelled, resume)
     tconf, dsettings = job.train, job.diagnosis
+    loaded.adapter.check_length(tconf.seq_len, "seq len")
+    loaded.adapter.check_length(dsettings.max_len, "diagnosis max length")
     sink.emit(PhaseChanged("corpus", f"loading {job.corpus.describe()} in blocks of {tconf.seq_len}"))
     ctx.corpus = corpus or load_corpus(job.corpus, loaded.tokenizer, tconf.seq_len, job.heldout_frac)
     ctx.tracked = tracked_set(ctx.corpus, loaded.tokenizer, blocks=tconf.track_blocks, texts=tconf.track_texts,

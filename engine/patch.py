@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .arch import BloomAdapter
+from .arch import Adapter
 from .atomic import atomic_write_bytes
 from .errors import InputError
 from .preflight import os_error_message
@@ -80,7 +80,7 @@ def parse_tensor_name(name: str) -> tuple[int, int, str]:
 
 
 @torch.no_grad()
-def apply_head_tensors(model, adapter: BloomAdapter, tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+def apply_head_tensors(model, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
     """Write per-head slices into the fused tensors; returns the heads patched."""
     heads = set()
     for name, value in tensors.items():
@@ -91,6 +91,8 @@ def apply_head_tensors(model, adapter: BloomAdapter, tensors: dict[str, torch.Te
         rows, cols = adapter.qkv_rows(head), adapter.dense_cols(head)
         target = {"qkv_weight": (qkv.weight, (rows,)), "qkv_bias": (qkv.bias, (rows,)),
                   "dense_weight": (dense.weight, (slice(None), cols))}.get(part)
+        if target is not None and target[0] is None:
+            raise InputError(f"patch tensor {name!r} is a bias this model does not have: the patch is for another model")
         if target is None:
             raise InputError(f"patch tensor {name!r} has unknown part {part!r}: the patch is damaged")
         tensor, index = target

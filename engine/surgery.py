@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import BloomAdapter
+from .arch import Adapter
 from .errors import InputError
 from .recipe import INIT_SCHEMES
 from .spec import format_heads, parse_heads
@@ -49,7 +49,7 @@ class SurgeryPlan:
             raise InputError(f"heads {format_heads(both)} are both targets and frozen: choose one for each")
 
     @classmethod
-    def from_specs(cls, targets: str, frozen: str | None, adapter: BloomAdapter, *, sick: list[Head] | None = None,
+    def from_specs(cls, targets: str, frozen: str | None, adapter: Adapter, *, sick: list[Head] | None = None,
                    report=None,
                    init: str = "xavier_uniform", seed: int = 0) -> "SurgeryPlan":
         """A plan from head-spec strings (`3.9-15,5-22.9-15`, `sick`, `5-22.*&bos>0.3`, ...); `report` (a
@@ -57,7 +57,7 @@ class SurgeryPlan:
         parse = lambda s: parse_heads(s, adapter.n_layer, adapter.n_head, sick, report=report)  # noqa: E731
         return cls(parse(targets), parse(frozen) if frozen else [], init, seed)
 
-    def check_fits(self, adapter: BloomAdapter) -> None:
+    def check_fits(self, adapter: Adapter) -> None:
         for l, h in self.targets + self.frozen:
             if not (0 <= l < adapter.n_layer and 0 <= h < adapter.n_head):
                 raise InputError(f"head {l}.{h} is outside this model ({adapter.n_layer} layers x {adapter.n_head} heads)")
@@ -74,7 +74,7 @@ class SurgeryPlan:
                 "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], adapter: BloomAdapter, sick: list[Head] | None = None,
+    def from_dict(cls, data: dict[str, Any], adapter: Adapter, sick: list[Head] | None = None,
                   report=None) -> "SurgeryPlan":
         try:
             return cls.from_specs(data["targets"], data.get("frozen") or None, adapter, sick=sick, report=report,
@@ -83,7 +83,7 @@ class SurgeryPlan:
             raise InputError(f"malformed surgery plan {data!r}: {exc}") from exc
 
 
-def init_head_weights(plan: SurgeryPlan, adapter: BloomAdapter, dtype=torch.float32) -> dict[Head, torch.Tensor]:
+def init_head_weights(plan: SurgeryPlan, adapter: Adapter, dtype=torch.float32) -> dict[Head, torch.Tensor]:
     """Fresh Q/K/V rows per target ([3d, hidden]), from the plan's seed, independent of device.
 
     `xavier_uniform` and `xavier_normal` initialise each of q, k and v as its own `hidden -> head_dim`
@@ -111,23 +111,26 @@ def init_head_weights(plan: SurgeryPlan, adapter: BloomAdapter, dtype=torch.floa
 class LayerSlices(nn.Module):
     """Trainable rows of one layer's `query_key_value` and columns of its `dense`, for some heads."""
 
-    def __init__(self, heads: list[int], qkv: nn.Linear, dense: nn.Linear, adapter: BloomAdapter, dtype):
+    def __init__(self, heads: list[int], qkv: nn.Linear, dense: nn.Linear, adapter: Adapter, dtype):
         super().__init__()
         self.heads = list(heads)
-        rows = torch.cat([torch.arange(adapter.qkv_rows(h).start, adapter.qkv_rows(h).stop) for h in heads])
+        rows = torch.cat([adapter.qkv_rows(h) for h in heads])
         cols = torch.cat([torch.arange(adapter.dense_cols(h).start, adapter.dense_cols(h).stop) for h in heads])
         device = qkv.weight.device
         self.register_buffer("rows", rows.to(device), persistent=False)
         self.register_buffer("cols", cols.to(device), persistent=False)
         self.qkv_weight = nn.Parameter(qkv.weight.detach()[rows.to(device)].to(dtype).clone())
-        self.qkv_bias = nn.Parameter(qkv.bias.detach()[rows.to(device)].to(dtype).clone())
+        # MPT's projections have no bias; then no bias is trained either
+        self.qkv_bias = nn.Parameter(qkv.bias.detach()[rows.to(device)].to(dtype).clone()) if qkv.bias is not None \
+            else None
         self.dense_weight = nn.Parameter(dense.weight.detach()[:, cols.to(device)].to(dtype).clone())
         with torch.no_grad():  # the hook adds these heads' output; the base tensor must not add it again
             dense.weight[:, self.cols] = 0.0
 
     def qkv_hook(self, module, args, output):
         x = args[0]
-        sel = F.linear(x, self.qkv_weight.to(x.dtype), self.qkv_bias.to(x.dtype))
+        bias = self.qkv_bias.to(x.dtype) if self.qkv_bias is not None else None
+        sel = F.linear(x, self.qkv_weight.to(x.dtype), bias)
         return output.index_copy(-1, self.rows, sel.to(output.dtype))
 
     def dense_hook(self, module, args, output):
@@ -141,7 +144,7 @@ class HeadSlices(nn.Module):
     Creating it moves the targets' `dense` columns out of the base tensor (zeroed there), so the hooked
     model computes the same function; after `detach()` call `export()` to put them back."""
 
-    def __init__(self, model: nn.Module, adapter: BloomAdapter, plan: SurgeryPlan, dtype=torch.float32):
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: SurgeryPlan, dtype=torch.float32):
         super().__init__()
         plan.check_fits(adapter)
         self.adapter, self.plan = adapter, plan
@@ -183,7 +186,8 @@ class HeadSlices(nn.Module):
         for name, sl in self.layers.items():
             qkv, dense = self.adapter.qkv(self.model, int(name)), self.adapter.dense(self.model, int(name))
             qkv.weight.index_copy_(0, sl.rows, sl.qkv_weight.to(qkv.weight.dtype))
-            qkv.bias.index_copy_(0, sl.rows, sl.qkv_bias.to(qkv.bias.dtype))
+            if sl.qkv_bias is not None:
+                qkv.bias.index_copy_(0, sl.rows, sl.qkv_bias.to(qkv.bias.dtype))
             dense.weight.index_copy_(1, sl.cols, sl.dense_weight.to(dense.weight.dtype))
 
     @contextmanager
@@ -207,7 +211,8 @@ class HeadSlices(nn.Module):
             for i, h in enumerate(sl.heads):
                 prefix = f"layer.{name}.head.{h}."
                 out[prefix + "qkv_weight"] = sl.qkv_weight.detach()[i * d3 : (i + 1) * d3].cpu().contiguous()
-                out[prefix + "qkv_bias"] = sl.qkv_bias.detach()[i * d3 : (i + 1) * d3].cpu().contiguous()
+                if sl.qkv_bias is not None:
+                    out[prefix + "qkv_bias"] = sl.qkv_bias.detach()[i * d3 : (i + 1) * d3].cpu().contiguous()
                 out[prefix + "dense_weight"] = sl.dense_weight.detach()[:, i * d : (i + 1) * d].cpu().contiguous()
         return out
 
@@ -220,7 +225,8 @@ class HeadSlices(nn.Module):
                 prefix = f"layer.{name}.head.{h}."
                 try:
                     sl.qkv_weight[i * d3 : (i + 1) * d3] = tensors[prefix + "qkv_weight"]
-                    sl.qkv_bias[i * d3 : (i + 1) * d3] = tensors[prefix + "qkv_bias"]
+                    if sl.qkv_bias is not None:
+                        sl.qkv_bias[i * d3 : (i + 1) * d3] = tensors[prefix + "qkv_bias"]
                     sl.dense_weight[:, i * d : (i + 1) * d] = tensors[prefix + "dense_weight"]
                 except KeyError as exc:
                     raise InputError(f"checkpoint has no tensor {exc}: it belongs to another plan") from exc
@@ -237,7 +243,7 @@ def sham(plan: SurgeryPlan) -> SurgeryPlan:
 
 
 @torch.no_grad()
-def read_head_tensors(model: nn.Module, adapter: BloomAdapter, heads: list[Head]) -> dict[str, torch.Tensor]:
+def read_head_tensors(model: nn.Module, adapter: Adapter, heads: list[Head]) -> dict[str, torch.Tensor]:
     """The heads' current slices, named as in a patch (`apply_head_tensors` puts them back)."""
     out = {}
     for l, h in heads:
@@ -245,13 +251,14 @@ def read_head_tensors(model: nn.Module, adapter: BloomAdapter, heads: list[Head]
         rows, cols = adapter.qkv_rows(h), adapter.dense_cols(h)
         prefix = f"layer.{l}.head.{h}."
         out[prefix + "qkv_weight"] = qkv.weight[rows].detach().cpu().clone()
-        out[prefix + "qkv_bias"] = qkv.bias[rows].detach().cpu().clone()
+        if qkv.bias is not None:
+            out[prefix + "qkv_bias"] = qkv.bias[rows].detach().cpu().clone()
         out[prefix + "dense_weight"] = dense.weight[:, cols].detach().cpu().clone()
     return out
 
 
 @torch.no_grad()
-def operate(model: nn.Module, adapter: BloomAdapter, plan: SurgeryPlan, dtype=torch.float32) -> HeadSlices:
+def operate(model: nn.Module, adapter: Adapter, plan: SurgeryPlan, dtype=torch.float32) -> HeadSlices:
     """Perform the surgery: freeze the model, re-initialise each target's Q/K/V rows (bias rows zero),
     zero its `dense` columns, and return the attached trainable slices. A sham plan (init `none`) skips
     the re-initialisation and the zeroing: the slices start as the base's, so the model is unchanged."""
@@ -264,6 +271,7 @@ def operate(model: nn.Module, adapter: BloomAdapter, plan: SurgeryPlan, dtype=to
         qkv, dense = adapter.qkv(model, layer), adapter.dense(model, layer)
         rows, cols = adapter.qkv_rows(head), adapter.dense_cols(head)
         qkv.weight[rows] = w.to(qkv.weight)
-        qkv.bias[rows] = 0.0
+        if qkv.bias is not None:
+            qkv.bias[rows] = 0.0
         dense.weight[:, cols] = 0.0
     return HeadSlices(model, adapter, plan, dtype).attach()
