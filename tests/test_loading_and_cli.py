@@ -106,7 +106,15 @@ def test_cli_non_bloom(tmp_path, cli):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
-    assert_one_line_error(cli("diagnose", "--model", str(tmp_path)), "unsupported architecture 'gpt2'")
+    assert_one_line_error(cli("diagnose", "--model", str(tmp_path)), "architecture 'gpt2'", "MPT", "Falcon")
+
+
+def test_a_model_that_needs_its_own_code_is_refused_saying_why(tmp_path, cli):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "baichuan", "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}}))
+    assert_one_line_error(cli("diagnose", "--model", str(tmp_path)), "trust_remote_code", "never runs", "BLOOM")
 
 
 def test_cli_hub_id_without_network_suggests_a_local_path(cli):

@@ -243,7 +243,8 @@ class HeadSurgeonApp(App[int]):
         self.loaded, self.report = loaded, None
         a = loaded.adapter
         self.grid.set_data(GridData(a.n_layer, a.n_head, a.slopes))
-        self.sub_title = f"{loaded.name} · {a.n_layer}x{a.n_head} · {loaded.device} {str(loaded.dtype).removeprefix('torch.')}"
+        self.sub_title = (f"{loaded.name} · {a.family} {a.n_layer}x{a.n_head} · {loaded.device} "
+                          f"{str(loaded.dtype).removeprefix('torch.')}")
         self.log_line(f"loaded {loaded.ref} ({a.n_layer} layers x {a.n_head} heads)")
         if self._pending_attach is not None:
             launch, self._pending_attach = self._pending_attach, None
