@@ -58,8 +58,21 @@ def test_a_heads_slices_alone_make_its_output(family):
     others = [(layer, h) for h in range(adapter.n_head) if h != head]
     with heads_ablated(model, adapter, others):
         alone = _attention_out(model, adapter, layer, ids)
+    # by hand from the head's slices: its v rows, its attention (as the family computes it), its output columns
+    seen = {}
+    attention = adapter.attention(model, layer)
+    hooks = [attention.register_forward_pre_hook(lambda m, a: seen.update(x=a[0])),
+             attention.register_forward_hook(lambda m, a, out: seen.update(p=out[1]))]
+    with probabilities_exposed(model, adapter):
+        model(input_ids=ids, use_cache=False)  # as diagnosis calls it
+    for hook in hooks:
+        hook.remove()
+    qkv, dense, d = adapter.qkv(model, layer), adapter.dense(model, layer), adapter.head_dim
+    v_rows = adapter.qkv_rows(head)[2 * d:]
+    v = seen["x"] @ qkv.weight[v_rows].T + (qkv.bias[v_rows] if qkv.bias is not None else 0)
+    by_hand = (seen["p"][:, head] @ v) @ dense.weight[:, adapter.dense_cols(head)].T
+    assert torch.allclose(by_hand + (dense.bias if dense.bias is not None else 0), alone, atol=1e-6)
     # scramble every other head's Q/K/V rows: the head's own output must not move
-    qkv = adapter.qkv(model, layer)
     for _, h in others:
         qkv.weight[adapter.qkv_rows(h)] = torch.randn_like(qkv.weight[adapter.qkv_rows(h)])
     with heads_ablated(model, adapter, others):
@@ -122,10 +135,10 @@ def test_diagnosis_equals_the_familys_attention_and_finds_the_planted_heads(fami
     # the exact path computes the model's own outputs (for Falcon: its default SDPA path), and so does the fast one
     ids = _ids(model)
     default = model(input_ids=ids).logits
-    with probabilities_exposed(model, adapter):
-        assert torch.allclose(model(input_ids=ids).logits, default, atol=1e-5)
+    with probabilities_exposed(model, adapter):  # without a cache, as diagnosis and training call the model
+        assert torch.allclose(model(input_ids=ids, use_cache=False).logits, default, atol=1e-5)
     with fast_kernels(model, adapter):
-        assert torch.allclose(model(input_ids=ids).logits, default, atol=1e-5)
+        assert torch.allclose(model(input_ids=ids, use_cache=False).logits, default, atol=1e-5)
 
 
 def _loss(model, ids):
