@@ -202,6 +202,11 @@ def adapter_for(model_or_config) -> Adapter:
         attn = config.attn_config
         if not getattr(attn, "alibi", True):
             raise _refuse(config, "an MPT model without ALiBi")
+        if getattr(attn, "qk_ln", False) or getattr(attn, "attn_type", "multihead_attention") != "multihead_attention" \
+                or not getattr(config, "no_bias", True):
+            # transformers' MPT implements none of these: it would load and compute another model than the checkpoint's
+            raise _refuse(config, "an MPT model with qk_ln, multi-query attention or biases, which transformers' MPT "
+                                  "does not implement")
         return MptAdapter(n_layer=config.n_layers, n_head=config.n_heads, hidden_size=config.d_model,
                           max_len=config.max_seq_len, alibi_bias_max=float(attn.alibi_bias_max))
     if model_type == "falcon":

@@ -399,7 +399,7 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     """The argument parser; each of `extra_commands(subparsers)` adds commands (the UI adds the workbench)."""
     parser = argparse.ArgumentParser(
         prog="head-surgeon",
-        description="Diagnose and repair collapsed attention heads in ALiBi (BLOOM) transformers. "
+        description="Diagnose and repair collapsed attention heads in ALiBi transformers (BLOOM, MPT, Falcon-RW). "
         "With no command, opens the workbench.",
     )
     add_model_args(parser)

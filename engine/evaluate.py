@@ -252,16 +252,20 @@ def mlp_weight_dormancy(model, adapter: Adapter, threshold: float = 0.01) -> lis
 
 
 @torch.no_grad()
-def completions(model, tokenizer, prompts: list[str], settings: EvalSettings, seed: int = 0) -> list[dict]:
-    """Seeded samples (temperature, top-p, max new tokens from `settings`) for the first prompts."""
+def completions(model, tokenizer, prompts: list[str], settings: EvalSettings, seed: int = 0,
+                max_len: int | None = None) -> list[dict]:
+    """Seeded samples (temperature, top-p, max new tokens from `settings`) for the first prompts; prompt and
+    completion stay within `max_len` tokens when the model takes no more (MPT)."""
     device = next(model.parameters()).device
     out = []
     for i, prompt in enumerate(prompts[: settings.completion_prompts]):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :64].to(device)
+        keep = 64 if max_len is None else min(64, max_len - 1)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :keep].to(device)
+        new = settings.max_new_tokens if max_len is None else min(settings.max_new_tokens, max_len - ids.shape[1])
         torch.manual_seed(seed + i)
         generated = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=settings.temperature,
-            top_p=settings.top_p, top_k=0, max_new_tokens=settings.max_new_tokens,
+            top_p=settings.top_p, top_k=0, max_new_tokens=new,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
         text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)

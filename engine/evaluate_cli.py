@@ -34,6 +34,7 @@ def corpus_perplexity(loaded, spec: CorpusSpec, seq_len: int, blocks: int | None
     """Mean next-token loss and perplexity of `loaded` over all the corpus's blocks, or the first `blocks`."""
     if blocks is not None and blocks < 1:
         raise InputError(f"--blocks must be at least 1 (got {blocks})")
+    loaded.adapter.check_length(seq_len, "seq len")
     every = corpus_blocks(spec, loaded.tokenizer, seq_len)
     used = every[:blocks] if blocks else every
     loss = mean_loss(loaded.model, used, batch_size)

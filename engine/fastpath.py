@@ -62,12 +62,15 @@ def _sdpa_forward(self, hidden_states, residual, alibi, attention_mask, layer_pa
 
 
 def _mpt_bias(module, position_bias: torch.Tensor, attention_mask, q_len: int, dtype) -> torch.Tensor:
-    """MPT's ALiBi (its last `q_len` key positions, as MptAttention slices it) + the boolean mask (True: masked)
-    as one additive tensor, shared by every layer like BLOOM's."""
+    """MPT's ALiBi + the boolean mask (True: masked) as one additive tensor, shared by every layer like BLOOM's.
+    transformers keeps the bias in fp32, as slope x (j + 1 - L): cast to bf16 as it stands, the early queries'
+    keys would all sit near -slope x L, where bf16 cannot tell neighbours apart. So it is taken relative to the
+    query, slope x (j - i) (the same softmax for every row), in fp32 and cast after."""
     cache = module._hs_bias_cache
     if cache and cache[0] is position_bias and cache[1] is attention_mask:
         return cache[2]
-    bias = position_bias[:, -q_len:, -q_len:].to(dtype)[None]  # [1, H, 1 or Lq, Lk]
+    last = position_bias[:, :, -q_len:].float()  # [H, 1, Lk]: slope x (j + 1 - Lk), as MptAttention slices it
+    bias = (last - last.transpose(-1, -2)).to(dtype)[None]  # [1, H, Lq, Lk]: slope x (j - i)
     if attention_mask is None:
         attention_mask = ~torch.ones(q_len, q_len, dtype=torch.bool, device=bias.device).tril()
     bias = bias.masked_fill(attention_mask, torch.finfo(dtype).min)
@@ -93,6 +96,8 @@ def _falcon_forward(self, hidden_states, alibi=None, attention_mask=None, *args,
     """Falcon-RW attention with ALiBi applied once, as the model's mask holds it: through SDPA, or (when
     `_hs_probabilities`) with an explicit fp32 softmax whose probabilities it returns."""
     if layer_past is not None or alibi is None or args:
+        if self._hs_probabilities:  # transformers' paths return none, or the twice-biased ones: never silently
+            raise RuntimeError("Falcon probabilities are read without a cache: call the model with use_cache=False")
         return self._hs_original_forward(hidden_states, alibi, attention_mask, *args, layer_past=layer_past, **kwargs)
     batch, q_len, _ = hidden_states.shape
     q, k, v = (x.transpose(1, 2) for x in self._split_heads(self.query_key_value(hidden_states)))  # [B, H, L, d]

@@ -196,7 +196,7 @@ def check_identity(recorded: dict, loaded: LoadedModel, what: str) -> None:
     """Raise if `loaded` is not the model `recorded` names (shape always; weights hash for local models)."""
     a = loaded.adapter
     if recorded.get("family", "bloom") != a.family:  # records from before other families were BLOOM's
-        raise ModelLoadError(f"{what} was made for a {recorded.get('family')} model ({recorded.get('ref')}), not "
+        raise ModelLoadError(f"{what} was made for a {recorded.get('family', 'bloom')} model ({recorded.get('ref')}), not "
                              f"{loaded.name} ({a.family}): open the model it was made from")
     shape = (recorded.get("n_layer"), recorded.get("n_head"), recorded.get("hidden_size"))
     if shape != (a.n_layer, a.n_head, a.hidden_size):

@@ -141,7 +141,8 @@ def measure(loaded, prompts_ids: list[list[int]], eval_blocks: torch.Tensor, set
         "mlp_dormancy": mlp_activation_dormancy(loaded.model, loaded.adapter, prompts_ids, pad,
                                                 settings.dormancy_threshold, settings.batch_size),
         "mlp_weight_dormancy": mlp_weight_dormancy(loaded.model, loaded.adapter, settings.weight_dormancy_threshold),
-        "completions": completions(loaded.model, tok, prompts, settings, seed) if settings.completion_prompts else [],
+        "completions": completions(loaded.model, tok, prompts, settings, seed, loaded.adapter.max_len)
+        if settings.completion_prompts else [],
     }
 
 

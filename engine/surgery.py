@@ -124,13 +124,20 @@ class LayerSlices(nn.Module):
         self.qkv_bias = nn.Parameter(qkv.bias.detach()[rows.to(device)].to(dtype).clone()) if qkv.bias is not None \
             else None
         self.dense_weight = nn.Parameter(dense.weight.detach()[:, cols.to(device)].to(dtype).clone())
+        # Falcon's linear layers round the product, then add the bias: the rows here do the same, so a sham arm's
+        # slices compute exactly what the base rows did in bf16 too
+        self.split_bias = type(qkv).forward is not nn.Linear.forward
         with torch.no_grad():  # the hook adds these heads' output; the base tensor must not add it again
             dense.weight[:, self.cols] = 0.0
 
     def qkv_hook(self, module, args, output):
         x = args[0]
         bias = self.qkv_bias.to(x.dtype) if self.qkv_bias is not None else None
-        sel = F.linear(x, self.qkv_weight.to(x.dtype), bias)
+        if self.split_bias:
+            sel = x @ self.qkv_weight.to(x.dtype).T
+            sel = sel + bias if bias is not None else sel
+        else:
+            sel = F.linear(x, self.qkv_weight.to(x.dtype), bias)
         return output.index_copy(-1, self.rows, sel.to(output.dtype))
 
     def dense_hook(self, module, args, output):

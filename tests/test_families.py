@@ -255,3 +255,41 @@ def test_an_mpt_model_refuses_sequences_longer_than_it_takes_in_one_line(tmp_pat
     assert done.returncode != 0 and "longer than this mpt model takes (64 tokens" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert run_in_process(capsys, "diagnose", "--model", directory, "--device", "cpu", "--max-len", "64").returncode == 0
+
+
+@torch.no_grad()
+def test_mpts_fast_path_in_bf16_is_as_close_to_fp32_as_its_own_eager_path():
+    from transformers import MptConfig, MptForCausalLM
+
+    from helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MptConfig(vocab_size=len(tok), d_model=64, n_layers=2, n_heads=8, max_seq_len=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = MptForCausalLM(config).eval()
+    adapter = adapter_for(model)
+    ids = _ids(model, n=1, length=768)
+    exact = model(input_ids=ids, use_cache=False).logits
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    eager = (half(input_ids=ids, use_cache=False).logits.float() - exact).abs().max()
+    with fast_kernels(half, adapter):
+        fast = (half(input_ids=ids, use_cache=False).logits.float() - exact).abs().max()
+    assert fast <= 1.5 * eager + 1e-3, (fast, eager)  # ALiBi cast to bf16 as transformers builds it: 40x eager's
+
+
+@pytest.mark.parametrize("family", ["bloom", *FAMILIES])
+@torch.no_grad()
+def test_a_sham_slice_computes_its_rows_exactly_as_the_base_in_bf16(family):
+    model = tiny_family_model(family).to(torch.bfloat16)
+    adapter = adapter_for(model)
+    qkv = adapter.qkv(model, 1)
+    if qkv.bias is not None:  # initialised to zero: give the rounding something to round
+        qkv.bias.copy_(torch.randn_like(qkv.bias))
+    x = torch.randn(2, 5, adapter.hidden_size, dtype=torch.bfloat16)
+    base = qkv(x)
+    slices = operate(model, adapter, SurgeryPlan([(1, 0), (1, 3)], init="none"), dtype=torch.bfloat16)
+    try:
+        assert torch.equal(qkv(x), base)  # Falcon rounds the product before adding the bias; so do its slices
+    finally:
+        slices.export()
