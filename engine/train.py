@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from .patch import save_patch
 from .recipe import SLICE_DTYPE_NAMES
 from .report import HeadReport
 from .surgery import HeadSlices, SurgeryPlan, operate
+from .prefix_cache import PrefixCache
 from .tracked import TrackedSet
 
 STATE_FILE = "state.safetensors"
@@ -60,6 +62,8 @@ class TrainConfig:
     patience: int | None = None  # stop a pass after this many evaluations without a better kept checkpoint
     slice_dtype: str = "fp32"  # trainable slices and AdamW state: "fp32", or "bf16" as the paper's scripts
     gradient_checkpointing: bool = True
+    prefix_cache_gb: float = 4.0  # keep what the frozen layers below the lowest target compute, up to this (0: off)
+    prefix_cache_where: str = "device"  # "device": beside the model; "host": pinned host memory
     loss_chunk_tokens: int = 1024
     attention: str = "sdpa"  # "sdpa" (fused kernel, ALiBi as a bias) or "eager" (transformers' own)
     seed: int = 0
@@ -87,6 +91,9 @@ class TrainConfig:
             raise InputError("track blocks must be 0 or more and patience at least 1")
         if self.warmup_max_steps is not None and self.warmup_max_steps < 0:
             raise InputError(f"the warm-up cap must be 0 or more steps (got {self.warmup_max_steps})")
+        if self.prefix_cache_gb < 0 or self.prefix_cache_where not in ("device", "host"):
+            raise InputError(f"the prefix cache takes 0 GB or more, on device or host (got {self.prefix_cache_gb} GB "
+                             f"on {self.prefix_cache_where!r})")
         if self.attention not in ("sdpa", "eager"):
             raise InputError(f"attention must be sdpa or eager (got {self.attention!r})")
         if self.seq_len < 2:
@@ -131,6 +138,7 @@ class PassResult:
     selected_on: str = "heldout"  # which perplexity picked the kept checkpoint (TrainConfig.select_on)
     best_score: float = float("inf")  # that perplexity at the kept checkpoint
     stopped_early: bool = False  # early stopping (TrainConfig.patience) ended the pass
+    prefix_cache: dict[str, Any] | None = None  # what the frozen-prefix cache kept and served (engine.prefix_cache)
 
     def to_dict(self) -> dict[str, Any]:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
@@ -139,7 +147,7 @@ class PassResult:
                 "best_selection_ppl": finite(self.best_score), "best_checkpoint": self.best_path,
                 "steps_done": self.steps_done, "cancelled": self.cancelled, "stopped_early": self.stopped_early,
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds,
-                "class_counts": self.class_counts()}
+                "class_counts": self.class_counts(), "prefix_cache": self.prefix_cache}
 
     def class_counts(self) -> dict[str, dict[str, int]] | None:
         """Class counts of the model this pass leaves (its kept checkpoint's point; the last point if none)."""
@@ -205,6 +213,7 @@ class SurgeryRun:
         self.slices: HeadSlices | None = None
         self.optimizer = None
         self.scheduler = None
+        self.prefix: PrefixCache | None = None
 
     # --- setup -------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -216,6 +225,9 @@ class SurgeryRun:
         self.optimizer = torch.optim.AdamW(self.slices.parameters(), lr=c.lr, betas=(c.beta1, c.beta2),
                                            weight_decay=c.weight_decay)  # its moments take the slices' dtype
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c.warmup_steps(self.total), self.total)
+        self.prefix = PrefixCache.for_run(self.model, self.adapter, min(self.plan.layers), budget_gb=c.prefix_cache_gb,
+                                          where=c.prefix_cache_where, total_steps=self.total,
+                                          steps_per_epoch=c.steps_per_epoch(len(self.corpus.train)))
         if c.gradient_checkpointing:
             enable_checkpointing(self.model)
 
@@ -239,8 +251,10 @@ class SurgeryRun:
         total, micro = 0.0, 0
         with self._fast():  # around backward too: checkpointed layers recompute through the same path
             for start in range(0, len(idx), c.micro_batch):
-                ids = self.corpus.train[idx[start : start + c.micro_batch]].to(self.device)
-                loss = self._loss(ids)
+                blocks = idx[start : start + c.micro_batch]
+                ids = self.corpus.train[blocks].to(self.device)
+                with self.prefix.around(blocks) if self.prefix else nullcontext():
+                    loss = self._loss(ids)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     return value, float("nan")
@@ -404,6 +418,10 @@ class SurgeryRun:
                     if step < self.total and self._out_of_patience():
                         break
             self.result.steps_done = step
+            if self.prefix is not None:
+                p = self.prefix
+                self.result.prefix_cache = {"layers_skipped": p.lowest, "blocks_kept": len(p.store), "bytes": p.bytes,
+                                            "block_visits_served": p.hits, "block_visits_computed": p.misses}
             self.result.train_seconds = round(time.perf_counter() - t0, 2)
             self.result.tokens_per_s = tokens / max(self.result.train_seconds, 1e-9)
             return self.result
