@@ -61,6 +61,8 @@ class JobInputs:
     track_blocks: int = 16
     track_texts: str | None = None
     checkpointing: bool = True
+    prefix_cache_gb: float = 4.0
+    prefix_cache_where: str = "device"
     seed: int = 0
     prompts: str | None = None
     batch_size: int = 8
@@ -93,7 +95,8 @@ class JobInputs:
         th = diag.get("thresholds", {})
         second = plans[1] if len(plans) > 1 else {}
         recorded = {k: train[k] for k in ("warmup_max_steps", "keep_partial_step", "select_on", "slice_dtype",
-                                          "track_blocks", "track_texts") if k in train}
+                                          "track_blocks", "track_texts", "prefix_cache_gb", "prefix_cache_where")
+                    if k in train}
         if "patience" in train:
             recorded["patience"] = train["patience"] or 0  # recorded None: none, whatever the recipe says
         values = dict(
@@ -154,7 +157,8 @@ class JobInputs:
                            eval_blocks=self.eval_blocks, track_blocks=self.track_blocks,
                            track_texts=_absolute(self.track_texts), select_on=self.chosen("select_on"),
                            patience=self.chosen("patience") or None, slice_dtype=self.chosen("slice_dtype"),
-                           gradient_checkpointing=self.checkpointing, seed=self.seed, recipe=recipe(self.recipe).name)
+                           gradient_checkpointing=self.checkpointing, prefix_cache_gb=self.prefix_cache_gb,
+                           prefix_cache_where=self.prefix_cache_where, seed=self.seed, recipe=recipe(self.recipe).name)
 
     def corpus_spec(self):
         from .corpus import CorpusSpec

@@ -77,3 +77,15 @@ def test_no_cache_where_it_would_not_be_exact_or_never_read():
     model.config.hidden_dropout = 0.1
     assert prefix_dropout(model.config) == 0.1
     assert PrefixCache.for_run(model, adapter, 1, total_steps=10, **kw) is None  # dropout: the prefix is not fixed
+
+
+def test_the_cli_flags_reach_the_training_settings_and_a_recorded_job_keeps_them():
+    from tui.entry import build_parser
+
+    args = build_parser().parse_args(["operate", "--targets", "1.1", "--prefix-cache-gb", "0.5",
+                                      "--prefix-cache-where", "host"])
+    train = JobInputs.from_namespace(args).train_config()
+    assert (train.prefix_cache_gb, train.prefix_cache_where) == (0.5, "host")
+    job = JobInputs.from_namespace(args).build_job(adapter_for(tiny_model()))
+    again = JobInputs.from_job(job.to_dict()).train_config()
+    assert (again.prefix_cache_gb, again.prefix_cache_where) == (0.5, "host")
