@@ -1,5 +1,7 @@
-"""GPU check of the three families in bf16 (run from the repository root: OUT=DIR python3 docs/bench/families_gpu.py): diagnosis finds planted heads, exact and fast paths against the
-model's own outputs (bf16 and fp32), and a short operate with a sham control and a completion."""
+"""GPU check of the three families in bf16: diagnosis finds planted heads, exact and fast paths against the
+model's own outputs (bf16 and fp32), and a short operate with a sham control and a completion.
+
+Run from the repository root on a CUDA machine: OUT=DIR python3 docs/bench/families_gpu.py"""
 import json, os, subprocess, sys, time
 from pathlib import Path
 
