@@ -213,6 +213,10 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
     prefix = {"first_epoch": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa"), dev, ids, steps, warmup),
               "later_epochs": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa", prefix_cache=True), dev,
                                          ids, steps, max(warmup, 1))}
+    # top-layer targets in every epoch after the first: all the frozen layers below fed from the prefix cache
+    top = [(shape.n_layer - 1, h) for h in heads]
+    prefix["top_layer_later_epochs"] = time_steps(lambda: our_step_fn(model, adapter, top, "sdpa", prefix_cache=True),
+                                                  dev, ids, steps, max(warmup, 1))
     for where, layer in placements.items():
         targets = [(layer, h) for h in heads]
         surgery["ours"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "sdpa"), dev, ids, steps, warmup)
@@ -254,7 +258,9 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
         "diagnosis_speedup": ratio(diagnosis["ours"], diagnosis["reference"], "tokens_per_s"),
         "prefix_cache": {**prefix, "target_layer": third[0][0],
                          "later_vs_first": ratio(prefix["later_epochs"], prefix["first_epoch"], "tokens_per_s"),
-                         "goal": 3.0},
+                         "goal": 3.0,
+                         "top_layer_later_vs_reference": ratio(prefix["top_layer_later_epochs"],
+                                                               surgery["reference"]["high"], "tokens_per_s")},
     }
     return result
 
@@ -284,4 +290,6 @@ def print_bench(result: dict, console) -> None:
     met = "met" if (p["later_vs_first"] or 0) >= p["goal"] else "missed"
     console.print(f"frozen-prefix cache, targets in layer {p['target_layer']}: later epochs "
                   f"{p['later_epochs']['tokens_per_s']:,.0f} tok/s vs first {p['first_epoch']['tokens_per_s']:,.0f} "
-                  f"({p['later_vs_first']}x; goal {p['goal']:g}x: {met})")
+                  f"({p['later_vs_first']}x; goal {p['goal']:g}x: {met}); top-layer targets in later epochs "
+                  f"{p['top_layer_later_epochs']['tokens_per_s']:,.0f} tok/s, {p['top_layer_later_vs_reference']}x the "
+                  "paper-style loop")

@@ -104,3 +104,4 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path):
     prefix = result["prefix_cache"]
     assert prefix["first_epoch"]["tokens_per_s"] > 0 and prefix["later_epochs"]["tokens_per_s"] > 0
     assert prefix["later_vs_first"] > 0 and "frozen-prefix cache" in done.stdout
+    assert prefix["top_layer_later_epochs"]["tokens_per_s"] > 0 and prefix["top_layer_later_vs_reference"] > 0
