@@ -115,7 +115,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     p.add_argument("--prefix-cache-gb", type=float, default=JOB_DEFAULTS["prefix_cache_gb"],
                    help="keep what the frozen layers below the lowest target compute for each training block, up to "
-                   "this many GB, so later epochs skip them (0: off)")
+                   "this many GiB (on a GPU at most half its free memory), so later epochs skip them (0: off)")
     p.add_argument("--prefix-cache-where", choices=("device", "host"), default=JOB_DEFAULTS["prefix_cache_where"],
                    help="beside the model, or in pinned host memory")
     p.add_argument("--seed", type=int, default=JOB_DEFAULTS["seed"])

@@ -6,7 +6,9 @@ only the prefix blocks are swapped for stand-ins while a cached block runs, so t
 without the cache (a CPU test checks the patch).
 
 It is only used where it is exact and can pay: the prefix has no dropout, the run visits some block twice
-(more than one epoch), and the lowest target is above layer 0.
+(more than one epoch), and the lowest target is above layer 0. A micro-batch is fed from the cache only when
+every block in it is kept: with micro-batches of several blocks and a budget smaller than the corpus, fewer
+visits are served than blocks are kept.
 """
 
 from __future__ import annotations
@@ -56,10 +58,15 @@ class PrefixCache:
     @classmethod
     def for_run(cls, model, adapter, lowest: int, *, budget_gb: float, where: str, total_steps: int,
                 steps_per_epoch: int) -> "PrefixCache | None":
-        """A cache for this pass, or None where it would not be exact or would never be read."""
+        """A cache for this pass, or None where it would not be exact or would never be read. On a GPU the
+        device budget is also held to half of the memory free when the pass starts."""
         if budget_gb <= 0 or lowest < 1 or total_steps <= steps_per_epoch or prefix_dropout(model.config) > 0:
             return None
-        return cls(adapter.blocks(model), lowest, int(budget_gb * 2**30), where)
+        budget = int(budget_gb * 2**30)
+        device = next(model.parameters()).device
+        if where == "device" and device.type == "cuda":
+            budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
+        return cls(adapter.blocks(model), lowest, budget, where)
 
     def around(self, block_ids: torch.Tensor):
         """The context to run the forward of these training blocks in: fed from the cache when every one is
@@ -75,7 +82,8 @@ class PrefixCache:
     def _fed(self, keys: list[int]):
         last = self.blocks[self.lowest - 1]
         device = next(last.parameters()).device
-        hidden = torch.stack([self.store[k] for k in keys]).to(device, non_blocking=True)
+        # pinned rows copy to the device asynchronously, each on its own, then stack there
+        hidden = torch.stack([self.store[k].to(device, non_blocking=True) for k in keys])
         saved = [self.blocks[i] for i in range(self.lowest)]
         for i in range(self.lowest - 1):
             self.blocks[i] = _Skip()
@@ -90,13 +98,18 @@ class PrefixCache:
     def _keeping(self, keys: list[int]):
         def keep(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
+            pinned = self.where == "host" and hidden.is_cuda
             for row, key in zip(hidden.detach(), keys, strict=True):
                 size = row.numel() * row.element_size()
+                if pinned:  # the pinned-memory allocator hands out powers of two: count what it takes
+                    size = 1 << (size - 1).bit_length()
                 if key in self.store or self.bytes + size > self.budget:
                     continue
-                kept = row.clone() if self.where == "device" else row.to("cpu", copy=True)
-                if self.where == "host" and torch.cuda.is_available():
-                    kept = kept.pin_memory()
+                if self.where == "device":
+                    kept = row.clone()
+                else:  # device -> pinned host copies run asynchronously, in stream order with the later reads
+                    kept = torch.empty(row.shape, dtype=row.dtype, pin_memory=pinned)
+                    kept.copy_(row, non_blocking=pinned)
                 self.store[key] = kept
                 self.bytes += size
 

@@ -299,7 +299,8 @@ def _one_line(exc: BaseException) -> str:
         return str(exc)
     first = (str(exc).strip().splitlines() or [""])[0]
     if "out of memory" in first.lower():
-        return "out of memory: use a smaller seq len or micro-batch, or a smaller model"
+        return ("out of memory: use a smaller seq len or micro-batch, a smaller prefix cache (prefix cache GB, 0 "
+                "turns it off), or a smaller model")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 

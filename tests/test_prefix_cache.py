@@ -13,7 +13,7 @@ from engine.patch import load_patch
 from engine.prefix_cache import PrefixCache, prefix_dropout
 from engine.prompts import builtin_prompts
 from engine.workflow import JobInputs
-from helpers import tiny_model
+from helpers import plant_collapse, save_model, tiny_family_model, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,10 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _run(planted_dir, corpus, out, **kw):
+def _run(planted_dir, corpus, out, micro_batch=1, **kw):
     loaded = load_model(str(planted_dir), device="cpu")
     job = JobInputs(targets="2.1,2.3", corpus=str(corpus), epochs=3, seq_len=32, grad_accum=2, lr=1e-2, completions=0,
-                    eval_blocks=2, eval_every=1000, track_blocks=2).build_job(loaded.adapter)
+                    eval_blocks=2, eval_every=1000, track_blocks=2, micro_batch=micro_batch).build_job(loaded.adapter)
     job.evaluation.ablation_blocks = 2
     for name, value in kw.items():
         setattr(job.train, name, value)
@@ -40,24 +40,47 @@ def _run(planted_dir, corpus, out, **kw):
     return report, calls["n"]
 
 
+def _same_patch(a_dir, b_dir) -> bool:
+    a, _ = load_patch(a_dir / PATCH_FILE)
+    b, _ = load_patch(b_dir / PATCH_FILE)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_later_epochs_skip_the_frozen_prefix_and_give_the_same_patch(planted_dir, corpus, tmp_path):
     cached, prefix_calls = _run(planted_dir, corpus, tmp_path / "cached")
     plain, plain_calls = _run(planted_dir, corpus, tmp_path / "plain", prefix_cache_gb=0.0)
     info = cached["passes"][0]["prefix_cache"]
-    n_train = cached["corpus"]["train_blocks"]
     assert plain["passes"][0]["prefix_cache"] is None
-    assert info["layers_skipped"] == 2 and info["blocks_kept"] == n_train > 0
+    assert info["layers_skipped"] == 2 and 0 < info["blocks_kept"] <= cached["corpus"]["train_blocks"]
     # a block is computed on its first visit and served on every later one, and layer 0 runs (one block a
     # micro-batch) only for the computed visits
-    visits = 3 * cached["passes"][0]["steps_done"] // 3 * 2  # 3 epochs x steps x grad accum 2
+    visits = 2 * cached["passes"][0]["steps_done"]  # grad accum 2 micro-batches of one block a step
     assert info["block_visits_computed"] == info["blocks_kept"]
     assert info["block_visits_computed"] + info["block_visits_served"] == visits
     assert info["block_visits_served"] > visits / 2
     assert prefix_calls == info["block_visits_computed"] and plain_calls == visits
-    a, _ = load_patch(tmp_path / "cached" / PATCH_FILE)
-    b, _ = load_patch(tmp_path / "plain" / PATCH_FILE)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_patch(tmp_path / "cached", tmp_path / "plain")
     assert [p["heldout_ppl"] for p in cached["history"]] == [p["heldout_ppl"] for p in plain["history"]]
+
+
+@pytest.mark.parametrize("family", ["mpt", "falcon"])
+def test_the_cache_gives_the_same_patch_for_every_family(family, corpus, tmp_path):
+    model = tiny_family_model(family)
+    plant_collapse(model, [(2, 1)])
+    directory = save_model(model, tmp_path / family)
+    cached, _ = _run(directory, corpus, tmp_path / "cached")
+    _run(directory, corpus, tmp_path / "plain", prefix_cache_gb=0.0)
+    assert cached["passes"][0]["prefix_cache"]["block_visits_served"] > 0
+    assert _same_patch(tmp_path / "cached", tmp_path / "plain")
+
+
+@pytest.mark.parametrize("setting", [{"micro_batch": 2}, {"prefix_cache_where": "host"}], ids=["micro-batch-2", "host"])
+def test_the_cache_gives_the_same_patch_with_micro_batches_and_in_host_memory(planted_dir, corpus, tmp_path, setting):
+    cached, _ = _run(planted_dir, corpus, tmp_path / "cached", **setting)
+    plain_setting = {**setting, "prefix_cache_gb": 0.0}
+    _run(planted_dir, corpus, tmp_path / "plain", **plain_setting)
+    assert cached["passes"][0]["prefix_cache"]["block_visits_served"] > 0
+    assert _same_patch(tmp_path / "cached", tmp_path / "plain")
 
 
 def test_the_budget_bounds_what_is_kept_and_the_rest_is_computed(planted_dir, corpus, tmp_path):
