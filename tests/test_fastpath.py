@@ -101,6 +101,8 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path):
             assert result["surgery"][path][where]["tokens_per_s"] > 0
     assert set(result["speedup"]) == {"low", "high"} and result["diagnosis"]["ours"]["tokens_per_s"] > 0
     assert result["diagnosis_speedup"] > 0
+    assert result["diagnosis"]["plain_sdpa_forward"]["tokens_per_s"] > 0 and result["diagnosis_vs_forward"] > 0
+    assert "diagnosis_vs_forward" in done.stdout
     prefix = result["prefix_cache"]
     assert prefix["first_epoch"]["tokens_per_s"] > 0 and prefix["later_epochs"]["tokens_per_s"] > 0
     assert prefix["later_vs_first"] > 0 and "frozen-prefix cache" in done.stdout
