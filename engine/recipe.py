@@ -7,7 +7,7 @@ with the reason, for the README and the report.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .errors import InputError
 
@@ -28,9 +28,6 @@ class Recipe:
     patience: int | None  # stop a pass after this many evaluations without a better kept checkpoint
     select_on: str  # "heldout" | "tracked": the perplexity that picks the kept checkpoint (and early stopping)
     eval_at_epoch_ends: bool  # a run given in epochs evaluates at each epoch's end (unless --eval-every)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 DEFAULT = Recipe(name="default", init="xavier_uniform", slice_dtype="fp32", warmup_frac=0.05, warmup_max_steps=None,
@@ -75,9 +72,7 @@ def recipe(name: str | None) -> Recipe:
 
 def differences(name: str) -> dict[str, str]:
     """What recipe `name` sets differently from the default, with the reason (empty for the default)."""
-    r, d = recipe(name), DEFAULT
-    keys = [k for k in ("init", "slice_dtype", "keep_partial_step", "patience", "select_on", "eval_at_epoch_ends")
-            if getattr(r, k) != getattr(d, k)]
-    if (r.warmup_frac, r.warmup_max_steps) != (d.warmup_frac, d.warmup_max_steps):
-        keys.insert(2, "warmup")
-    return {k: WHY[k] for k in keys}
+    r = recipe(name)
+    fields = lambda k: ("warmup_frac", "warmup_max_steps") if k == "warmup" else (k,)  # noqa: E731
+    return {k: why for k, why in WHY.items()
+            if any(getattr(r, f) != getattr(DEFAULT, f) for f in fields(k))}
