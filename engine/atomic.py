@@ -2,6 +2,8 @@
 
 On any failure the temp file is removed and the previous file (if any) is left as it was; an OSError
 (disk full, read-only, no permission, a path component that is a file) becomes a one-line InputError.
+In a run spread over several processes only rank 0 writes: the other ranks hold the same results, and a
+write of theirs is dropped here, so no file is written twice or raced.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from .preflight import os_error_message
 
 def atomic_write_with(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` to fill a temp file next to `path`, fsync it, then rename it over `path`."""
+    from .distributed import world
+
+    if not world().main:
+        return
     path = Path(path)
     tmp: str | None = None
     try:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Adapter, base_model
+from .distributed import all_sum, any_rank, spread
 from .fastpath import probabilities_exposed
 from .errors import InputError
 from .events import DiagnosisProgress, NullSink, Sink
@@ -103,6 +104,16 @@ class HeadStatsCollector:
             handle.remove()
         self._handles.clear()
 
+    def skip_batch(self) -> None:
+        """The next forward is not measured (a rank's filler pass in a distributed run)."""
+        self._weights = None
+
+    def reduce_over_ranks(self) -> None:
+        """Sum every rank's sums, so each rank holds the statistics of all prompts."""
+        all_sum(self.sums)
+        all_sum(self.layer_norm)
+        self.count = float(all_sum(torch.tensor([self.count], dtype=torch.float64, device=self.sums.device)).item())
+
     def set_batch(self, attention_mask: torch.Tensor) -> None:
         weights = query_weights(attention_mask)
         self.count += float(weights.sum())
@@ -182,13 +193,15 @@ def run_statistics(
     done = 0
     try:
         with HeadStatsCollector(model, adapter) as collector, probabilities_exposed(model, adapter):
-            for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
-                if cancelled():
+            # in a distributed run each rank measures its share of the batches, and the sums are added up
+            for (ids, mask), real in spread(list(right_padded_batches(token_ids, batch_size, pad_id))):
+                if any_rank(cancelled(), device):
                     break
-                collector.set_batch(mask)
+                collector.set_batch(mask) if real else collector.skip_batch()
                 body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                done += len(ids)
+                done += len(ids) * real
                 sink.emit(DiagnosisProgress(done, len(token_ids), int(collector.count)))
+            collector.reduce_over_ranks()
     finally:
         model.train(was_training)
     return collector.means(), int(collector.count)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .arch import Adapter, base_model
+from .distributed import all_sum, spread, whole
 from .diagnosis import right_padded_batches
 from .loss import causal_lm_loss
 from .report import HEALTHY, SICK, HeadReport, Thresholds
@@ -43,34 +44,42 @@ def key(head: Head) -> str:
     return f"{head[0]}.{head[1]}"
 
 
+def _summed_loss(model, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """(loss x tokens, tokens) of one batch."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    mask = mask.to(device) if mask is not None else None
+    hidden = base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    n = int(mask[:, 1:].sum()) if mask is not None else ids[:, 1:].numel()
+    return float(causal_lm_loss(model.lm_head, hidden, ids, mask)) * n, n
+
+
+def _mean_over(model, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> float:
+    """Token-weighted mean loss over batches; spread over the ranks of a distributed run and summed."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for (ids, mask), real in spread(batches):
+        total, n = _summed_loss(model, ids, mask)
+        if real:
+            totals += torch.tensor([total, n], dtype=torch.float64)
+    total, count = all_sum(totals.to(next(model.parameters()).device)).tolist()
+    return total / max(count, 1)
+
+
 @torch.no_grad()
 def mean_loss(model, blocks: torch.Tensor, batch_size: int = 8, attention_mask: torch.Tensor | None = None) -> float:
     """Token-weighted mean next-token loss over `blocks` ([N, L] token ids)."""
-    device = next(model.parameters()).device
-    body = base_model(model)
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start : start + batch_size].to(device)
-        mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
-        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        n = int(mask[:, 1:].sum()) if mask is not None else ids[:, 1:].numel()
-        total += float(causal_lm_loss(model.lm_head, hidden, ids, mask)) * n
-        count += n
-    return total / max(count, 1)
+    return _mean_over(model, [(blocks[s : s + batch_size], None if attention_mask is None else
+                               attention_mask[s : s + batch_size]) for s in range(0, len(blocks), batch_size)])
 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 80.0))
 
 
+@torch.no_grad()
 def prompt_loss(model, token_ids: list[list[int]], pad_id: int, batch_size: int = 8) -> float:
     """Mean loss over a prompt set (right-padded, pads masked out)."""
-    total, count = 0.0, 0
-    for ids, mask in right_padded_batches(token_ids, batch_size, pad_id):
-        n = int(mask[:, 1:].sum())
-        total += mean_loss(model, ids, len(ids), mask) * n
-        count += n
-    return total / max(count, 1)
+    return _mean_over(model, list(right_padded_batches(token_ids, batch_size, pad_id)))
 
 
 @contextmanager
@@ -241,8 +250,11 @@ def mlp_activation_dormancy(model, adapter: Adapter, token_ids: list[list[int]],
 @torch.no_grad()
 def mlp_unit_strengths(model, adapter: Adapter) -> list[torch.Tensor]:
     """Per layer, per MLP unit: ||its input row of the up projection|| x ||its output column of the down one||."""
-    return [(adapter.mlp_in(b).weight.float().norm(dim=1) * adapter.mlp_out(b).weight.float().norm(dim=0)).cpu()
-            for b in adapter.blocks(model)]
+    strengths = []
+    for b in adapter.blocks(model):
+        with whole(adapter.mlp_in(b).weight) as w_in, whole(adapter.mlp_out(b).weight) as w_out:
+            strengths.append((w_in.float().norm(dim=1) * w_out.float().norm(dim=0)).cpu())
+    return strengths
 
 
 def mlp_weight_dormancy(model, adapter: Adapter, threshold: float = 0.01) -> list[int]:

@@ -131,7 +131,10 @@ def load_model(
         kwargs.update(_hub_kwargs(ref))  # before importing transformers: no network fails at once
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    from .distributed import rank_device, world
+
+    sharded = world().active  # under torchrun: every rank loads only its share of the blocks, on its own GPU
+    dev = resolve_device(rank_device(device) if sharded else device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         config = AutoConfig.from_pretrained(ref, **kwargs)
@@ -146,14 +149,31 @@ def load_model(
         raise ModelLoadError(f"cannot read config of {ref!r}: {str(exc).splitlines()[0]}") from exc
     adapter = adapter_for(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **kwargs)
+        if sharded:
+            from .sharded_load import load_sharded
+
+            directory = ref if source == "local" else _snapshot(ref, kwargs)
+            model = load_sharded(directory, config, adapter, torch_dtype, dev)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
     except OSError as exc:
         if source == "hub":
             raise _hub_error(ref, exc) from exc
         raise ModelLoadError(f"cannot load weights or tokenizer from {ref!r}: {str(exc).splitlines()[0]}") from exc
-    model.to(dev).eval()
+    if not sharded:
+        model.to(dev)
+    model.eval()
     return LoadedModel(model, tokenizer, adapter, ref, source, revision, dev, torch_dtype)
+
+
+def _snapshot(ref: str, kwargs: dict) -> str:
+    """The local folder of a hub model's config and safetensors files (the cache, or a download), for
+    sharded loading, which reads the files itself."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(ref, revision=kwargs.get("revision"), allow_patterns=["*.json", "*.safetensors"],
+                             local_files_only=bool(kwargs.get("local_files_only")))
 
 
 def weights_hash(directory: str | Path) -> str:

@@ -21,6 +21,7 @@ import torch
 from .atomic import atomic_write_text
 from .corpus import CorpusSpec, PackedCorpus, load_corpus
 from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
+from .distributed import any_rank, world
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss,
                        mlp_activation_dormancy, mlp_weight_dormancy, perplexity, prompt_loss, recovery)
@@ -342,7 +343,7 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
 
     sink.emit(PhaseChanged("baseline", "measuring the model before surgery"))
     before = baseline if baseline is not None else diagnose(loaded, ctx.prompts, dsettings, cancelled=cancelled)
-    if cancelled():  # a cut-short diagnosis is no "before": stop before recording anything
+    if any_rank(cancelled()):  # a cut-short diagnosis is no "before": stop before recording anything
         sink.emit(RunFinished(0, -1, math.inf, cancelled=True))
         return {"cancelled": True, "passes": [], "run_dir": str(out)}
     before = before.with_thresholds(dsettings.thresholds)
@@ -393,7 +394,7 @@ def run_job(loaded, job: SurgeryJob, out_dir: str | Path, *, sink: Sink | None =
         "job": job.to_dict(),
         "corpus": {"description": ctx.corpus.description, "train_blocks": len(ctx.corpus.train),
                    "heldout_blocks": len(ctx.corpus.heldout), "seq_len": ctx.corpus.seq_len},
-        "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), **world().record(),
         "recipe": {"name": tconf.recipe, "differs_from_default": differences(tconf.recipe)},
         "tracked_set": ctx.tracked.description if ctx.tracked is not None else None,
         **_arm_fields(surgery),

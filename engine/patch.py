@@ -15,6 +15,7 @@ import torch
 
 from .arch import Adapter
 from .atomic import atomic_write_bytes
+from .distributed import whole
 from .errors import InputError
 from .preflight import os_error_message
 
@@ -95,11 +96,12 @@ def apply_head_tensors(model, adapter: Adapter, tensors: dict[str, torch.Tensor]
             raise InputError(f"patch tensor {name!r} is a bias this model does not have: the patch is for another model")
         if target is None:
             raise InputError(f"patch tensor {name!r} has unknown part {part!r}: the patch is damaged")
-        tensor, index = target
-        if tuple(tensor[index].shape) != tuple(value.shape):
-            raise InputError(f"patch tensor {name!r} has shape {tuple(value.shape)}, the model needs "
-                             f"{tuple(tensor[index].shape)}: the patch is for another model")
-        tensor[index] = value.to(tensor)
+        param, index = target
+        with whole(param) as tensor:  # a sharded base (engine.distributed) is gathered and written back
+            if tuple(tensor[index].shape) != tuple(value.shape):
+                raise InputError(f"patch tensor {name!r} has shape {tuple(value.shape)}, the model needs "
+                                 f"{tuple(tensor[index].shape)}: the patch is for another model")
+            tensor[index] = value.to(tensor)
         heads.add((layer, head))
     return sorted(heads)
 

@@ -40,6 +40,7 @@ class Session:
     run_dir: str | None = None  # relative to the session file's folder
     status: str = "new"  # new | running | finished | cancelled | failed (a dead runner reads as interrupted)
     derived_from: str | None = None  # the session this one was started from (replay, a loaded session)
+    world: dict[str, Any] | None = None  # how its run is spread: world_size and backend (engine.distributed)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     path: Path | None = None
@@ -73,7 +74,8 @@ class Session:
         return {"format": SESSION_FORMAT, "schema_version": SESSION_SCHEMA_VERSION, "model": self.model,
                 "diagnosis": self.diagnosis, "job": self.job, "marks": self.marks, "actions": self.actions,
                 "report": self.report, "run_dir": self.run_dir, "status": self.status,
-                "derived_from": self.derived_from, "created": self.created, "updated": self.updated}
+                "derived_from": self.derived_from, "world": self.world, "created": self.created,
+                "updated": self.updated}
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write atomically (temp file + rename); a crash leaves the previous version intact.
@@ -121,7 +123,7 @@ class Session:
                           actions=list(data.get("actions") or []), report=data.get("report"),
                           marks=dict(data.get("marks") or {"targets": "", "frozen": ""}),
                           run_dir=data.get("run_dir"), status=str(data.get("status", "new")),
-                          derived_from=data.get("derived_from"),
+                          derived_from=data.get("derived_from"), world=data.get("world"),
                           created=float(data.get("created", 0)), updated=float(data.get("updated", 0)), path=path,
                           legacy_events=list(data.get("events") or []) if version == 1 else None)
         except (KeyError, TypeError, ValueError) as exc:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Adapter
+from .distributed import whole
 from .errors import InputError
 from .recipe import INIT_SCHEMES
 from .spec import format_heads, parse_heads
@@ -119,16 +120,19 @@ class LayerSlices(nn.Module):
         device = qkv.weight.device
         self.register_buffer("rows", rows.to(device), persistent=False)
         self.register_buffer("cols", cols.to(device), persistent=False)
-        self.qkv_weight = nn.Parameter(qkv.weight.detach()[rows.to(device)].to(dtype).clone())
+        with whole(qkv.weight) as w:
+            self.qkv_weight = nn.Parameter(w[self.rows].to(dtype).clone())
         # MPT's projections have no bias; then no bias is trained either
-        self.qkv_bias = nn.Parameter(qkv.bias.detach()[rows.to(device)].to(dtype).clone()) if qkv.bias is not None \
-            else None
-        self.dense_weight = nn.Parameter(dense.weight.detach()[:, cols.to(device)].to(dtype).clone())
+        self.qkv_bias = None
+        if qkv.bias is not None:
+            with whole(qkv.bias) as b:
+                self.qkv_bias = nn.Parameter(b[self.rows].to(dtype).clone())
         # Falcon's linear layers round the product, then add the bias: the rows here do the same, so a sham arm's
         # slices compute exactly what the base rows did in bf16 too
         self.split_bias = type(qkv).forward is not nn.Linear.forward
-        with torch.no_grad():  # the hook adds these heads' output; the base tensor must not add it again
-            dense.weight[:, self.cols] = 0.0
+        with torch.no_grad(), whole(dense.weight) as w:
+            self.dense_weight = nn.Parameter(w[:, self.cols].to(dtype).clone())
+            w[:, self.cols] = 0.0  # the hook adds these heads' output; the base tensor must not add it again
 
     def qkv_hook(self, module, args, output):
         x = args[0]
@@ -192,10 +196,13 @@ class HeadSlices(nn.Module):
         self.detach()
         for name, sl in self.layers.items():
             qkv, dense = self.adapter.qkv(self.model, int(name)), self.adapter.dense(self.model, int(name))
-            qkv.weight.index_copy_(0, sl.rows, sl.qkv_weight.to(qkv.weight.dtype))
+            with whole(qkv.weight) as w:
+                w.index_copy_(0, sl.rows, sl.qkv_weight.to(w.dtype))
             if sl.qkv_bias is not None:
-                qkv.bias.index_copy_(0, sl.rows, sl.qkv_bias.to(qkv.bias.dtype))
-            dense.weight.index_copy_(1, sl.cols, sl.dense_weight.to(dense.weight.dtype))
+                with whole(qkv.bias) as b:
+                    b.index_copy_(0, sl.rows, sl.qkv_bias.to(b.dtype))
+            with whole(dense.weight) as w:
+                w.index_copy_(1, sl.cols, sl.dense_weight.to(w.dtype))
 
     @contextmanager
     def exported(self):
@@ -207,7 +214,8 @@ class HeadSlices(nn.Module):
         finally:
             with torch.no_grad():
                 for name, sl in self.layers.items():
-                    self.adapter.dense(self.model, int(name)).weight[:, sl.cols] = 0.0
+                    with whole(self.adapter.dense(self.model, int(name)).weight) as w:
+                        w[:, sl.cols] = 0.0
             self.attach()
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
@@ -257,10 +265,13 @@ def read_head_tensors(model: nn.Module, adapter: Adapter, heads: list[Head]) -> 
         qkv, dense = adapter.qkv(model, l), adapter.dense(model, l)
         rows, cols = adapter.qkv_rows(h), adapter.dense_cols(h)
         prefix = f"layer.{l}.head.{h}."
-        out[prefix + "qkv_weight"] = qkv.weight[rows].detach().cpu().clone()
+        with whole(qkv.weight) as w:
+            out[prefix + "qkv_weight"] = w[rows.to(w.device)].cpu().clone()
         if qkv.bias is not None:
-            out[prefix + "qkv_bias"] = qkv.bias[rows].detach().cpu().clone()
-        out[prefix + "dense_weight"] = dense.weight[:, cols].detach().cpu().clone()
+            with whole(qkv.bias) as b:
+                out[prefix + "qkv_bias"] = b[rows.to(b.device)].cpu().clone()
+        with whole(dense.weight) as w:
+            out[prefix + "dense_weight"] = w[:, cols].cpu().clone()
     return out
 
 
@@ -277,8 +288,11 @@ def operate(model: nn.Module, adapter: Adapter, plan: SurgeryPlan, dtype=torch.f
     for (layer, head), w in fresh.items():
         qkv, dense = adapter.qkv(model, layer), adapter.dense(model, layer)
         rows, cols = adapter.qkv_rows(head), adapter.dense_cols(head)
-        qkv.weight[rows] = w.to(qkv.weight)
+        with whole(qkv.weight) as full:
+            full[rows.to(full.device)] = w.to(full)
         if qkv.bias is not None:
-            qkv.bias[rows] = 0.0
-        dense.weight[:, cols] = 0.0
+            with whole(qkv.bias) as b:
+                b[rows.to(b.device)] = 0.0
+        with whole(dense.weight) as full:
+            full[:, cols] = 0.0
     return HeadSlices(model, adapter, plan, dtype).attach()

@@ -16,6 +16,7 @@ import torch
 from .arch import base_model
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
+from .distributed import all_sum, any_rank, spread, world
 from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
@@ -139,6 +140,7 @@ class PassResult:
     best_score: float = float("inf")  # that perplexity at the kept checkpoint
     stopped_early: bool = False  # early stopping (TrainConfig.patience) ended the pass
     prefix_cache: dict[str, Any] | None = None  # what the frozen-prefix cache kept and served (engine.prefix_cache)
+    blocks_per_rank: list[int] | None = None  # in a distributed run: the training blocks each rank processed
 
     def to_dict(self) -> dict[str, Any]:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
@@ -147,7 +149,8 @@ class PassResult:
                 "best_selection_ppl": finite(self.best_score), "best_checkpoint": self.best_path,
                 "steps_done": self.steps_done, "cancelled": self.cancelled, "stopped_early": self.stopped_early,
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds,
-                "class_counts": self.class_counts(), "prefix_cache": self.prefix_cache}
+                "class_counts": self.class_counts(), "prefix_cache": self.prefix_cache,
+                "blocks_per_rank": self.blocks_per_rank}
 
     def class_counts(self) -> dict[str, dict[str, int]] | None:
         """Class counts of the model this pass leaves (its kept checkpoint's point; the last point if none)."""
@@ -184,6 +187,46 @@ def step_blocks(config: TrainConfig, n_blocks: int, step: int) -> torch.Tensor:
     return block_order(n_blocks, epoch, config.seed)[start : start + config.blocks_per_step]
 
 
+class _MicroGradients:
+    """A distributed step's gradients, one slot per micro-batch of the step: each rank fills the slots of the
+    micro-batches it ran, one all-reduce fills in every slot on every rank, and the slots are then added in the
+    micro-batches' order, as autograd accumulates them in one process. So the summed gradient is the
+    single-process one to the last bit, not just to rounding (Adam's normalised update turns rounding-level
+    differences of near-zero gradients into visible ones). The loss of each micro-batch rides in the same
+    buffer."""
+
+    def __init__(self, params: list[torch.nn.Parameter], n_micro: int) -> None:
+        self.params, self.n_micro = params, n_micro
+        self.size = sum(p.numel() for p in params)
+        self.buffer = torch.zeros(n_micro, self.size + 2, dtype=torch.float32, device=params[0].device)
+
+    def keep(self, k: int, loss: float) -> None:
+        """Copy the gradients of micro-batch `k` (just computed, nothing accumulated) into its slot."""
+        offset = 0
+        for p in self.params:
+            if p.grad is not None:
+                self.buffer[k, offset : offset + p.numel()] = p.grad.reshape(-1).float()
+            offset += p.numel()
+        self.buffer[k, -2:] = torch.tensor([loss, 1.0])
+
+    def sum_over_ranks(self) -> tuple[float, int]:
+        """All-reduce, then each parameter's gradient as the in-order sum of the slots; (loss sum, micro-batches)."""
+        all_sum(self.buffer)
+        offset = 0
+        for p in self.params:
+            slots = self.buffer[:, offset : offset + p.numel()].to(p.dtype)
+            grad = slots[0].clone()
+            for k in range(1, self.n_micro):
+                grad += slots[k]
+            p.grad = grad.view_as(p)
+            offset += p.numel()
+        losses = self.buffer[:, -2].tolist()
+        total = 0.0
+        for value in losses:  # the same float sum as one process's running total
+            total += value
+        return total, int(self.buffer[:, -1].sum())
+
+
 class SurgeryRun:
     """One pass: operate on the plan's heads, train the slices, evaluate, checkpoint."""
 
@@ -214,6 +257,9 @@ class SurgeryRun:
         self.optimizer = None
         self.scheduler = None
         self.prefix: PrefixCache | None = None
+        self.world = world()
+        self.blocks_trained = 0  # by this rank (its share of every step's blocks in a distributed run)
+        self._best_tensors: dict[str, torch.Tensor] | None = None
 
     # --- setup -------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -225,9 +271,13 @@ class SurgeryRun:
         self.optimizer = torch.optim.AdamW(self.slices.parameters(), lr=c.lr, betas=(c.beta1, c.beta2),
                                            weight_decay=c.weight_decay)  # its moments take the slices' dtype
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c.warmup_steps(self.total), self.total)
-        self.prefix = PrefixCache.for_run(self.model, self.adapter, min(self.plan.layers), budget_gb=c.prefix_cache_gb,
-                                          where=c.prefix_cache_where, total_steps=self.total,
-                                          steps_per_epoch=c.steps_per_epoch(len(self.corpus.train)))
+        # a cached micro-batch skips the prefix's blocks; in a distributed run the ranks' shares hit and miss
+        # differently, and their blocks' all-gathers would no longer pair up: there it stays off
+        if not self.world.active:
+            self.prefix = PrefixCache.for_run(self.model, self.adapter, min(self.plan.layers),
+                                              budget_gb=c.prefix_cache_gb, where=c.prefix_cache_where,
+                                              total_steps=self.total,
+                                              steps_per_epoch=c.steps_per_epoch(len(self.corpus.train)))
         if c.gradient_checkpointing:
             enable_checkpointing(self.model)
 
@@ -245,22 +295,36 @@ class SurgeryRun:
         return causal_lm_loss(self.model.lm_head, hidden, ids, chunk_tokens=self.config.loss_chunk_tokens)
 
     def _train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step over the step's blocks; in a distributed run over this rank's share of them,
+        with every rank's gradients (and losses) summed by one all-reduce before clipping."""
         c = self.config
         self.model.train()
         idx = step_blocks(c, len(self.corpus.train), step)
+        micro_batches = [idx[start : start + c.micro_batch] for start in range(0, len(idx), c.micro_batch)]
         total, micro = 0.0, 0
+        slots = _MicroGradients(list(self.slices.parameters()), len(micro_batches)) if self.world.active else None
         with self._fast():  # around backward too: checkpointed layers recompute through the same path
-            for start in range(0, len(idx), c.micro_batch):
-                blocks = idx[start : start + c.micro_batch]
+            for (k, blocks), real in spread(list(enumerate(micro_batches))):
                 ids = self.corpus.train[blocks].to(self.device)
                 with self.prefix.around(blocks) if self.prefix else nullcontext():
                     loss = self._loss(ids)
                 value = float(loss.detach())
-                if not math.isfinite(value):
+                if not math.isfinite(value) and slots is None:
                     return value, float("nan")
-                # by grad_accum even in an epoch's partial last step, as the paper's scripts do
-                (loss / c.grad_accum).backward()
-                total, micro = total + value, micro + 1
+                # by grad_accum even in an epoch's partial last step, as the paper's scripts do; a rank's filler
+                # micro-batch (engine.distributed.spread) only keeps the ranks' collectives paired
+                (loss * (float(real) / c.grad_accum)).backward()
+                if real:
+                    total, micro = total + value, micro + 1
+                    self.blocks_trained += len(blocks)
+                    if slots is not None:
+                        slots.keep(k, value)
+                if slots is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+        if slots is not None:
+            total, micro = slots.sum_over_ranks()
+            if not math.isfinite(total):
+                return total, float("nan")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.slices.parameters(), c.clip))
         self.optimizer.step()
         self.scheduler.step()
@@ -359,6 +423,7 @@ class SurgeryRun:
         if is_best:
             path = self.dir / "best.safetensors"
             save_patch(path, tensors, self._patch_meta(step, ppl))
+            self._best_tensors = tensors  # `finish` reads these: in a distributed run only rank 0 wrote the file
             self.result.best_step, self.result.best_heldout_ppl, self.result.best_path = step, ppl, str(path)
             self.result.best_score = score
             self.sink.emit(Checkpoint(step, str(path), ppl, True))
@@ -395,7 +460,8 @@ class SurgeryRun:
             # a pass that had run out of patience when it was interrupted trains no further on resume
             stopped = 0 < start < self.total and self._out_of_patience()
             while step < self.total and not stopped:
-                if self.cancelled():  # stop at this step boundary and keep a state that `resume` continues
+                # stop at this step boundary (every rank together) and keep a state that `resume` continues
+                if any_rank(self.cancelled(), self.device):
                     self.result.cancelled = True
                     if step > start:
                         self.dir.mkdir(parents=True, exist_ok=True)
@@ -418,6 +484,10 @@ class SurgeryRun:
                     if step < self.total and self._out_of_patience():
                         break
             self.result.steps_done = step
+            if self.world.active:
+                share = torch.zeros(self.world.size, dtype=torch.float64, device=self.device)
+                share[self.world.rank] = self.blocks_trained
+                self.result.blocks_per_rank = [int(x) for x in all_sum(share).tolist()]
             if self.prefix is not None:
                 p = self.prefix
                 self.result.prefix_cache = {"layers_skipped": p.lowest, "blocks_kept": len(p.store), "bytes": p.bytes,
@@ -452,7 +522,9 @@ class SurgeryRun:
         """Load the best checkpoint's slices and write them into the model (the model is then base + best)."""
         from .patch import load_patch
 
-        if self.result.best_path:
+        if self._best_tensors is not None:
+            self.slices.load_head_tensors(self._best_tensors)
+        elif self.result.best_path:  # kept before a resume
             tensors, _ = load_patch(self.result.best_path)
             self.slices.load_head_tensors(tensors)
         self.slices.export()
