@@ -159,7 +159,8 @@ def _follow_in_process(launch, *, loaded, baseline, console, resume: bool = Fals
         console.print(f"run cancelled; continue it with: head-surgeon resume {launch.run_dir}")
         return report
     print_operation(report, console)
-    console.print(f"patch and report written to {launch.run_dir}; session {launch.session.path}")
+    where = f"; session {launch.session.path}" if launch.session else ""  # None on the ranks after rank 0
+    console.print(f"patch and report written to {launch.run_dir}{where}")
     return report
 
 
@@ -192,12 +193,19 @@ def cmd_operate(args) -> int:
     from .diagnosis import diagnose
     from .patch import export_model
     from .prompts import load_prompts
-    from .workflow import JobInputs, create_run
+    from .distributed import broadcast, on_main, world
+    from .workflow import JobInputs, Launch, create_run
 
+    if args.nproc > 1 and not args.detach and not world().active:
+        return _relaunch_under_torchrun(args.nproc)
     console = Console()
     inputs = JobInputs.from_namespace(args)
     inputs.check()
     _check_outputs(args)
+    if world().active and (args.detach or args.export):
+        raise InputError("under torchrun the run stays in the foreground and exports nothing: drop --detach and "
+                         "--export (a detached run over N GPUs: head-surgeon operate --detach --nproc N, without "
+                         "torchrun; export later with head-surgeon apply)")
     with console.status("loading model…"):
         loaded = load_from_args(args)
     baseline = None
@@ -205,8 +213,12 @@ def cmd_operate(args) -> int:
         with console.status(f"diagnosing {loaded.name} before surgery…"):
             baseline = diagnose(loaded, load_prompts(inputs.prompts), inputs.diagnosis_settings())
     job = inputs.build_job(loaded.adapter, baseline)
-    launch = create_run(loaded, job, out=args.out, session_path=args.session, overwrite=args.overwrite,
-                        baseline=baseline, device=args.device, dtype=args.dtype)
+    # under torchrun rank 0 makes the run directory and the session; every rank then runs the job in step
+    launch = on_main(lambda: create_run(loaded, job, out=args.out, session_path=args.session,
+                                        overwrite=args.overwrite, baseline=baseline, device=args.device,
+                                        dtype=args.dtype, nproc=args.nproc))
+    run_dir = broadcast(str(launch.run_dir) if launch else None)
+    launch = launch or Launch(Path(run_dir), None)
     if args.detach:
         _detached(launch, console)
         return 0
@@ -217,6 +229,26 @@ def cmd_operate(args) -> int:
         export_model(loaded.model, loaded.tokenizer, args.export)
         console.print(f"repaired model exported to {args.export}")
     return 0
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """`operate --nproc N` (or `bench`) in the foreground: this same command again under torchrun, one
+    process per GPU. --nproc is left out of the relaunched command: torchrun's own parser would take it for
+    an abbreviation of its --nproc-per-node, and each process knows the world it is in."""
+    import os
+
+    from .runner import torchrun_command
+
+    argv, rest = [], iter(sys.argv[1:])
+    for arg in rest:
+        if arg == "--nproc":
+            next(rest, None)
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    cmd = [*torchrun_command(nproc), "-m", "engine.cli", *argv]
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # pragma: no cover - execv does not return
 
 
 def _session_model(session, args):
@@ -390,10 +422,36 @@ def cmd_bench(args) -> int:
     console = Console()
     shape = "tiny" if args.tiny else args.shape
     batch, seq_len = (2, 64) if args.tiny else (args.batch, args.seq_len)
+    from .distributed import world
+
+    if args.nproc is not None or world().active:
+        return _bench_distributed(args, console, shape, batch, seq_len)
+    if shape == "bloom-176b":
+        raise InputError("the bloom-176b shape does not fit one GPU: give --nproc N (8 H200s hold it)")
     with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
         result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
                            warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6)
     print_bench(result, console)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+def _bench_distributed(args, console, shape: str, batch: int, seq_len: int) -> int:
+    import json
+
+    from .atomic import atomic_write_text
+    from .bench_distributed import print_distributed_bench, run_distributed_bench
+    from .distributed import rank_device, world
+    from .runtime import resolve_device
+
+    if (args.nproc or 1) > 1 and not world().active:
+        return _relaunch_under_torchrun(args.nproc)
+    result = run_distributed_bench(shape, resolve_device(rank_device(args.device)), batch=batch, seq_len=seq_len,
+                                   steps=2 if args.tiny else min(args.steps, 5), warmup=1,
+                                   diag_batches=2 if args.tiny else 4)
+    print_distributed_bench(result, console)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
         console.print(f"results written to {args.json}")
@@ -440,6 +498,9 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
                  "(default: runs/MODEL-DATE-TIME)")
     p.add_argument("--export", help="also write the repaired model (save_pretrained) into this new directory")
     p.add_argument("--session", help="also record the run as a session file here (default: RUN/session.json)")
+    p.add_argument("--nproc", type=_positive, default=1, metavar="N",
+                   help="run over N processes of this host, one GPU each (PyTorch's torchrun, FSDP2-sharded base); "
+                   "the same patch as one process")
     p.set_defaults(func=cmd_operate)
 
     p = sub.add_parser("replay", help="re-run a saved session's job into a new run directory and session")
@@ -489,7 +550,11 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="paper-style surgery loop vs ours on random weights in real BLOOM shapes")
-    p.add_argument("--shape", choices=("bloom-560m", "bloom-1b7", "bloom-3b", "bloom-7b1"), default="bloom-1b7")
+    p.add_argument("--shape", choices=("bloom-560m", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloom-176b"),
+                   default="bloom-1b7")
+    p.add_argument("--nproc", type=_positive, metavar="N",
+                   help="diagnosis and surgery spread over N processes, one GPU each (torchrun, FSDP2), as operate "
+                   "runs them: global tokens/s and each GPU's peak memory; 1 gives the one-GPU baseline")
     p.add_argument("--tiny", action="store_true", help="a tiny shape that runs in seconds on CPU (smoke test)")
     p.add_argument("--device")
     p.add_argument("--batch", type=int, default=8)
@@ -503,12 +568,42 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+DISTRIBUTED_COMMANDS = ("diagnose", "operate", "bench")
+
+
+def _join_torchrun(args) -> None:
+    """Under torchrun: join the process group; only rank 0 prints (the others' stdout goes nowhere)."""
+    import os
+
+    from .distributed import init_from_env, launched
+
+    if not launched():
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise InputError(f"{args.command} runs in one process: start it without torchrun (under torchrun: "
+                         f"{', '.join(DISTRIBUTED_COMMANDS)})")
+    w = init_from_env(getattr(args, "device", None))
+    if getattr(args, "nproc", None) not in (None, 1, w.size):
+        raise InputError(f"--nproc {args.nproc} but torchrun started {w.size} processes: give one of them")
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")
+
+
 def dispatch(args) -> int:
     """Run a parsed command; user errors become one line on stderr and exit status 2."""
+    from .distributed import shutdown
     from .runtime import quiet_libraries
 
     quiet_libraries()
     try:
+        _join_torchrun(args)
         return args.func(args)
     except HeadSurgeonError as exc:
         print(f"head-surgeon: error: {exc}", file=sys.stderr)
@@ -521,6 +616,8 @@ def dispatch(args) -> int:
             raise
         print("head-surgeon: error: out of memory: use a smaller --batch-size or --max-len, or a smaller model", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

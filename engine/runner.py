@@ -250,12 +250,15 @@ def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=
     `loaded` may hand over a freshly loaded, unmodified base model (it must match the run's identity);
     otherwise the runner loads it. Every event goes to the run's log and to `sink`. `lock`: the run's
     lock, already held by the caller."""
+    from .distributed import world
     from .events import MultiSink, RunFailed, RunStarted
-    from .model import check_identity, load_model
+    from .model import check_identity
     from .operation import SurgeryJob, run_job
 
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
+    if not world().main:
+        return _follow(run_dir, spec, resume=resume, loaded=loaded, baseline=baseline, cancelled=cancelled)
     lock = lock or RunLock(run_dir)
     if not lock.held and not lock.acquire():
         raise InputError(f"run {run_dir} is already running in another process: attach to it or cancel it")
@@ -268,10 +271,7 @@ def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=
             _update_session(spec, run_dir, "running")
             status = "failed"
             try:
-                if loaded is None:
-                    m = spec.model
-                    loaded = load_model(m.get("ref"), device=m.get("device"), dtype=m.get("dtype"),
-                                        revision=m.get("revision"))
+                loaded = loaded or _load_base(spec)
                 check_identity(spec.identity, loaded, f"run {run_dir}")
                 job = SurgeryJob.from_dict(spec.job, loaded.adapter)
                 report = run_job(loaded, job, run_dir, sink=events, baseline=None if resume else baseline,
@@ -294,6 +294,31 @@ def execute(run_dir: str | Path, *, resume: bool = False, loaded=None, baseline=
         lock.release()
 
 
+def _load_base(spec: RunSpec):
+    from .distributed import world
+    from .model import load_model
+
+    m = spec.model
+    device = m.get("device")
+    if world().active and device and device.startswith("cuda"):
+        device = "cuda"  # each rank on its own GPU
+    return load_model(m.get("ref"), device=device, dtype=m.get("dtype"), revision=m.get("revision"))
+
+
+def _follow(run_dir: Path, spec: RunSpec, *, resume: bool, loaded, baseline, cancelled) -> dict[str, Any]:
+    """A rank other than 0 of a distributed run: the same job in step with rank 0, which alone holds the lock
+    and writes the events, the files and the session."""
+    from .model import check_identity
+    from .operation import SurgeryJob, run_job
+
+    loaded = loaded or _load_base(spec)
+    check_identity(spec.identity, loaded, f"run {run_dir}")
+    job = SurgeryJob.from_dict(spec.job, loaded.adapter)
+    cancel_file = run_dir / CANCEL_FILE
+    return run_job(loaded, job, run_dir, baseline=None if resume else baseline, resume=resume,
+                   cancelled=lambda: cancelled() or cancel_file.exists())
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, HeadSurgeonError):
         return str(exc)
@@ -311,7 +336,10 @@ def spawn(run_dir: str | Path, *, resume: bool = False, wait_s: float = 60.0) ->
     if is_live(run_dir):
         raise InputError(f"run {run_dir} is already running: attach to it or cancel it")
     (run_dir / CANCEL_FILE).unlink(missing_ok=True)  # a cancel meant for an earlier segment
-    cmd = [sys.executable, "-m", "engine.runner", str(run_dir)] + (["--resume"] if resume else [])
+    spec = RunSpec.load(run_dir)
+    nproc = int(spec.model.get("nproc") or 1)
+    launcher = torchrun_command(nproc) if nproc > 1 else [sys.executable]  # torchrun starts one runner a rank
+    cmd = [*launcher, "-m", "engine.runner", str(run_dir)] + (["--resume"] if resume else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     root = str(Path(__file__).resolve().parents[1])  # the engine importable from anywhere
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -329,12 +357,19 @@ def spawn(run_dir: str | Path, *, resume: bool = False, wait_s: float = 60.0) ->
     return proc.pid
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """The launcher of a run over `nproc` processes on this host: PyTorch's torchrun, standalone (its own
+    rendezvous on a free port); it is followed by `-m MODULE ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.runner RUN_DIR [--resume]`: the detached runner's entry point."""
+    """`python -m engine.runner RUN_DIR [--resume]`: the detached runner's entry point (one per rank under
+    torchrun: rank 0 holds the lock and writes; the others follow it)."""
     argv = sys.argv[1:] if argv is None else argv
     run_dir, resume = Path(argv[0]), "--resume" in argv[1:]
     lock = RunLock(run_dir)
-    if not lock.acquire():  # taken before the heavy imports: the launcher sees the run live at once
+    if os.environ.get("RANK", "0") == "0" and not lock.acquire():  # before the heavy imports: live at once
         print(f"runner: {run_dir} is already running", file=sys.stderr)
         return 2
     # SIGTERM stops at the next step boundary like `cancel`; a hangup of the starting shell changes nothing.
@@ -344,11 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import quiet_libraries
 
     quiet_libraries()
+    from .distributed import init_from_env, shutdown
+
     try:
+        init_from_env(RunSpec.load(run_dir).model.get("device"))
         execute(run_dir, resume=resume, cancelled=stop.is_set, lock=lock)
     except HeadSurgeonError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0
 
 

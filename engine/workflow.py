@@ -296,8 +296,10 @@ class Launch:
 def create_run(loaded, job, *, out: str | Path | None = None, session_path: str | Path | None = None,
                overwrite: bool = False, baseline=None, marks: dict[str, str] | None = None,
                derived_from: Session | None = None, action: str = "operate", device: str | None = None,
-               dtype: str | None = None, root: str | Path = RUNS_DIR) -> Launch:
-    """A new run directory holding run.json, and a new session (at `session_path`, else RUN_DIR/session.json)."""
+               dtype: str | None = None, root: str | Path = RUNS_DIR, nproc: int = 1) -> Launch:
+    """A new run directory holding run.json, and a new session (at `session_path`, else RUN_DIR/session.json).
+    `nproc` > 1: a detached start runs it over that many processes of this host (torchrun, one GPU each)."""
+    from .distributed import world
     from .model import model_identity
     from .spec import format_heads
 
@@ -332,6 +334,11 @@ def create_run(loaded, job, *, out: str | Path | None = None, session_path: str 
     # in another precision would not give the same patch).
     model = {"ref": identity["ref"], "revision": identity.get("commit") or identity.get("revision"),
              "device": device or loaded.device.type, "dtype": dtype or DTYPE_NAMES.get(str(loaded.dtype), dtype)}
+    if nproc > 1:
+        model["nproc"] = nproc
+        session.world = {"world_size": nproc, "backend": "nccl" if model["device"].startswith("cuda") else "gloo"}
+    else:
+        session.world = world().record()
     try:
         RunSpec(model=model, identity=identity, job=job.to_dict(), session=str(session.path.resolve())).save(run_dir)
         session.save()

@@ -4,6 +4,7 @@ as notifications, dead runs resumed, detached runs left going or cancelled on qu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -290,3 +291,43 @@ async def test_a_sham_control_from_the_dialog_draws_its_curve_and_the_verdict(pl
         shown = "\n".join(_summary_on_screen(app))
         assert "vs sham" in shown and "woken 2 / functional" in shown
         assert "(sham " in str(app.query_one("#status").render())
+
+
+async def test_a_run_over_two_gpus_from_the_dialog_starts_torchrun_detached_and_is_followed(planted_dir, workdir):
+    """GPUs 2 in the dialog: the workbench launches torchrun itself (here two CPU processes, gloo); rank 0 alone
+    writes the events, and the workbench follows them like any other run's."""
+    app = HeadSurgeonApp(model_ref=str(planted_dir), detach=False, prompts_path=str(workdir / "prompts.txt"))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("a", "o")
+        await pilot.pause()
+        for name, value in {"corpus": str(workdir / "corpus.txt"), **FIELDS, "nproc": "2"}.items():
+            app.screen.query_one(f"#field-{name}").value = value
+        await pilot.press("enter")
+        await wait_idle(app, pilot)
+        run_dir = app.attached.run_dir
+        deadline = time.monotonic() + 240
+        while app.run_state != "finished" and time.monotonic() < deadline:
+            await pilot.pause(0.2)
+        assert app.run_state == "finished", (run_dir / runner.RUNNER_LOG).read_text()[-2000:]
+        assert app.recovery["targets"] == 2 and len(app.losses) == 2
+        assert app.surgery_defaults["nproc"] == "2"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (report["world_size"], report["backend"]) == (2, "gloo")
+    assert Session.load(run_dir / "session.json").world == {"world_size": 2, "backend": "gloo"}
+    assert runner.RunSpec.load(run_dir).model["nproc"] == 2
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("started") == 1 and kinds[-1] == "finished"
+
+
+async def test_a_bad_gpu_count_in_the_dialog_is_a_notification(planted_dir, workdir):
+    app = HeadSurgeonApp(model_ref=str(planted_dir), detach=False, prompts_path=str(workdir / "prompts.txt"))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("a", "o")
+        await pilot.pause()
+        app.screen.query_one("#field-nproc").value = "two"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.attached is None
+        assert any("GPUs must be a whole number" in n.message for n in app._notifications)

@@ -61,9 +61,22 @@ def dialog_job_inputs(fields: dict[str, str], targets, frozen, prompts: str | No
         raise InputError(f"steps, seq len and seed must be whole numbers and lr a number ({exc})") from exc
 
 
+def _spread(launch: Launch) -> bool:
+    """Whether the run goes over several processes (its run.json says how many)."""
+    return int(RunSpec.load(launch.run_dir).model.get("nproc") or 1) > 1
+
+
+def dialog_nproc(fields: dict[str, str]) -> int:
+    """The dialog's GPUs field: how many processes (one GPU each) the run is spread over."""
+    text = str(fields.get("nproc") or "1")
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"GPUs must be a whole number of at least 1 (got {text!r})")
+    return int(text)
+
+
 DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],
                    "seq_len": JOB_DEFAULTS["seq_len"], "seed": JOB_DEFAULTS["seed"], "recipe": JOB_DEFAULTS["recipe"],
-                   "control": False}
+                   "nproc": 1, "control": False}
 SHORT_CLASS = {"bos-sink": "sink", "low-entropy": "low-ent", "positional": "posit"}
 
 
@@ -304,17 +317,18 @@ class HeadSurgeonApp(App[int]):
 
     # --- runs: start, attach, follow ---------------------------------------------------------------
     @work(thread=True, exclusive=True, group="surgery", exit_on_error=False)
-    def _run_worker(self, job, marks: dict[str, str] | None, launch: Launch | None) -> None:
+    def _run_worker(self, job, marks: dict[str, str] | None, launch: Launch | None, nproc: int = 1) -> None:
         """Set up the run (off the UI thread: the base's content hash can take a while on a large model)
-        unless `launch` resumes one, then start it detached, or here when the workbench does not detach."""
+        unless `launch` resumes one, then start it detached, or here when the workbench does not detach.
+        A run over several GPUs always starts detached: torchrun runs it, one process a GPU."""
         worker = get_current_worker()
         resume = launch is not None
         try:
             if launch is None:
                 launch = create_run(self.loaded, job, baseline=self.report, derived_from=self.origin, marks=marks,
-                                    device=self.device, dtype=self.dtype, root=self.runs_root)
+                                    device=self.device, dtype=self.dtype, root=self.runs_root, nproc=nproc)
             self.post_message(RunCreated(launch, resume))
-            if self.detach:
+            if self.detach or _spread(launch):
                 start(launch, detach=True, resume=resume)
                 self.post_message(RunLaunched(launch))
             else:
@@ -322,10 +336,11 @@ class HeadSurgeonApp(App[int]):
         except HeadSurgeonError as exc:
             self.post_message(WorkFailed("surgery", str(exc)))
 
-    def _start_run(self, job=None, marks: dict[str, str] | None = None, launch: Launch | None = None) -> None:
+    def _start_run(self, job=None, marks: dict[str, str] | None = None, launch: Launch | None = None,
+                   nproc: int = 1) -> None:
         self.set_status("surgery starting…")
         self.query_one(ProgressBar).update(total=None, progress=0)
-        self._run_worker(job, marks, launch)
+        self._run_worker(job, marks, launch, nproc)
 
     @on(RunCreated)
     def _run_created(self, message: RunCreated) -> None:
@@ -630,13 +645,14 @@ class HeadSurgeonApp(App[int]):
         data = self.grid.data
         try:
             inputs = dialog_job_inputs(fields, data.targets, data.frozen, self.prompts_path, self.base_inputs)
+            nproc = dialog_nproc(fields)
             inputs.check()
             job = inputs.build_job(self.loaded.adapter, self.report)
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="surgery", severity="error", timeout=10)
             return
         self.surgery_defaults = {**fields}
-        self._start_run(job, {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)})
+        self._start_run(job, {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)}, nproc=nproc)
 
     def action_resume_run(self) -> None:
         if self.attached is None or self.run_state not in ("dead", "cancelled"):
@@ -722,6 +738,7 @@ class HeadSurgeonApp(App[int]):
             b = self.base_inputs
             self.surgery_defaults = {"corpus": b.corpus, "steps": b.train_config().steps or DEFAULT_STEPS, "lr": b.lr,
                                      "seq_len": b.seq_len, "seed": b.seed, "recipe": b.recipe,
+                                     "nproc": (session.world or {}).get("world_size") or 1,
                                      "control": b.control == "sham"}
         self.refresh_panes()
 

@@ -82,11 +82,11 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class SurgeryScreen(ModalScreen[dict | None]):
-    """The surgery dialog: corpus, steps, learning rate, seq len, seed, recipe. Returns the raw fields, or None."""
+    """The surgery dialog: corpus, steps, learning rate, seq len, seed, recipe, GPUs. Returns the raw fields, or None."""
 
     BINDINGS = [Binding("escape", "cancel", "cancel")]
     FIELDS = (("corpus", "corpus"), ("steps", "steps"), ("lr", "learning rate"), ("seq_len", "seq len"), ("seed", "seed"),
-              ("recipe", "recipe"))
+              ("recipe", "recipe"), ("nproc", "GPUs"))
 
     def __init__(self, summary: str, defaults: dict) -> None:
         super().__init__()
@@ -104,6 +104,7 @@ class SurgeryScreen(ModalScreen[dict | None]):
                            bool(self.defaults.get("control")), id="field-control")
             yield Label("corpus: text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib/PKG\n"
                         "recipe: default, or paper (the paper's scripts' choices: README)\n"
+                        "GPUs: more than 1 runs detached under torchrun, one process each\n"
                         "enter starts · esc cancels · tab moves between fields, space ticks the box", classes="hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -1,0 +1,125 @@
+"""Diagnosis and surgery spread over processes (torchrun, gloo on CPU): the same results as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.distributed import World, share, spread
+from engine.patch import load_patch
+from engine.prompts import builtin_prompts
+from helpers import run_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m engine.cli ARGS` on CPU (gloo), as a user starts it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "engine.cli", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_spread_gives_every_rank_as_many_passes_and_each_item_once(monkeypatch):
+    items = list(range(5))
+    seen, passes = [], []
+    for rank in range(2):
+        monkeypatch.setattr("engine.distributed.world", lambda rank=rank: World(rank, 2, rank, "gloo"))
+        pairs = list(spread(items))
+        passes.append(len(pairs))
+        seen += [item for item, real in pairs if real]
+        assert [i for i, real in pairs if real] == share(len(items), World(rank, 2))
+    assert passes == [3, 3] and sorted(seen) == items  # rank 1 runs one filler pass, dropped
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(builtin_prompts() * 4))
+    return path
+
+
+OPERATE = ("--device", "cpu", "--targets", "0.3,2.1", "--steps", "3", "--seq-len", "32", "--grad-accum", "3",
+           "--lr", "1e-2", "--eval-every", "2", "--eval-blocks", "3", "--track-blocks", "2", "--completions", "0",
+           "--control", "sham")
+
+
+def test_operate_over_two_processes_gives_the_single_process_patch(planted_dir, corpus, tmp_path, capsys):
+    one = tmp_path / "one"
+    done = run_in_process(capsys, "operate", "--model", planted_dir, "--corpus", corpus, *OPERATE, "--out", one)
+    assert done.returncode == 0, done.stderr
+    two = tmp_path / "two"
+    done = torchrun(2, "operate", "--model", planted_dir, "--corpus", corpus, *OPERATE, "--out", two, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("patch.safetensors", "control.safetensors"):
+        a, meta_a = load_patch(one / name)
+        b, meta_b = load_patch(two / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), (name, key, (a[key] - b[key]).abs().max())
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert (r1["world_size"], r1["backend"]) == (1, None) and (r2["world_size"], r2["backend"]) == (2, "gloo")
+    for p1, p2 in zip(r1["passes"], r2["passes"], strict=True):
+        assert p1["best_step"] == p2["best_step"]
+        assert np.allclose([h["heldout_ppl"] for h in p1["history"]], [h["heldout_ppl"] for h in p2["history"]],
+                           rtol=1e-5)
+        # 3 steps x 3 blocks: rank 0 trains blocks 0 and 2 of each step, rank 1 block 1
+        assert p1["blocks_per_rank"] is None and p2["blocks_per_rank"] == [6, 3]
+    assert np.allclose(r1["diagnosis_before"]["bos_mass"], r2["diagnosis_before"]["bos_mass"], atol=1e-6)
+    session = json.loads((two / "session.json").read_text())
+    assert session["world"] == {"world_size": 2, "backend": "gloo"}
+    events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events].count("started") == 1  # one writer: rank 0
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert not [p for p in two.rglob("*.tmp")]
+
+
+def test_diagnose_over_two_processes_matches_one(planted_dir, tmp_path, capsys):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    done = run_in_process(capsys, "diagnose", "--model", planted_dir, "--device", "cpu", "--batch-size", "3",
+                          "--json", one)
+    assert done.returncode == 0, done.stderr
+    done = torchrun(2, "diagnose", "--model", planted_dir, "--device", "cpu", "--batch-size", "3", "--json", two,
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads(p.read_text()) for p in (one, two))
+    for stat in ("bos_mass", "entropy", "local_mass", "contribution"):
+        assert np.allclose(a[stat], b[stat], atol=1e-6), stat
+    assert a["n_tokens"] == b["n_tokens"] and a["class"] == b["class"] and a["counts"] == b["counts"]
+    assert done.stdout.count("report written to") == 1  # rank 0 alone prints
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
+    done = torchrun(2, "runs", tmp_path, cwd=tmp_path)
+    assert done.returncode != 0 and "runs in one process: start it without torchrun" in done.stderr
+
+
+def test_operate_nproc_starts_torchrun_itself(planted_dir, corpus, tmp_path):
+    """`operate --nproc 2` without torchrun: the command starts itself again under torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--model", str(planted_dir), "--corpus",
+                           str(corpus), "--device", "cpu", "--targets", "0.3", "--steps", "1", "--seq-len", "32",
+                           "--grad-accum", "2", "--eval-blocks", "2", "--track-blocks", "0", "--completions", "0",
+                           "--nproc", "2", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["passes"][0]["blocks_per_rank"] == [1, 1]
+    assert done.stdout.count("patch and report written to") == 1
