@@ -34,6 +34,7 @@ SHAPES = {
     "bloom-1b7": Shape(2048, 24, 16),
     "bloom-3b": Shape(2560, 30, 32),
     "bloom-7b1": Shape(4096, 30, 32),
+    "bloom-176b": Shape(14336, 70, 112),
     "tiny": Shape(64, 4, 4, 1000),
 }
 

@@ -123,3 +123,15 @@ def test_operate_nproc_starts_torchrun_itself(planted_dir, corpus, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["passes"][0]["blocks_per_rank"] == [1, 1]
     assert done.stdout.count("patch and report written to") == 1
+
+
+def test_bench_nproc_spreads_diagnosis_and_surgery_and_reports_each_rank(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--tiny", "--nproc", "2", "--device", "cpu",
+                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["world_size"], result["backend"], result["grad_accum"]) == (2, "gloo", 2)
+    assert result["diagnosis"]["tokens_per_s"] > 0 and result["surgery"]["tokens_per_s"] > 0
+    assert done.stdout.count("tiny shape over 2 process(es)") == 1
