@@ -16,9 +16,11 @@ from .fastpath import fast_kernels
 from .prefix_cache import PrefixCache
 from .loss import causal_lm_loss
 from .surgery import SurgeryPlan, operate
-from .train import disable_checkpointing, enable_checkpointing
+from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
 
 GiB = 2**30
+AUTO_BUDGET_GIB = 8.0  # issue 17: checkpointing chosen by memory, peak at most 8 GiB on bloom-1b7
+CARD_BUDGET_GIB = 15.5  # issue 17: bloom-7b1 surgery on a 16 GB card
 
 
 @dataclass(frozen=True)
@@ -133,22 +135,42 @@ def reference_step_fn(model, adapter, targets):
     return step, cleanup
 
 
-def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = False):
+def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = False, *, micro_batch: int | None = None,
+                micro_tokens: int = 8 * 512, checkpointing: str = "full", budget_gib: float | None = None,
+                plans: list | None = None):
     """Our path: slice parameters only, chunked cross-entropy, backward stopping at the lowest target layer,
     SDPA attention (or eager, to separate the kernel's share). With `prefix_cache` the frozen layers below the
-    lowest target are kept on the first (warm-up) step and fed afterwards, as in a second epoch."""
+    lowest target are kept on the first (warm-up) step and fed afterwards, as in a second epoch. `micro_batch`:
+    the step's blocks in micro-batches of that many (accumulated), as the paper's recipe runs them.
+    `checkpointing` as the training loop plans it (engine.checkpointing) for micro-batches of `micro_tokens`,
+    from the free memory, or from `budget_gib` less what is allocated (a smaller card); the plan is appended to
+    `plans`."""
     slices = operate(model, adapter, SurgeryPlan(targets))
-    enable_checkpointing(model)
+    lowest = min(l for l, _ in targets)
+    device = next(model.parameters()).device
+    if budget_gib is None:
+        free = free_bytes(device)
+    else:
+        free = int(budget_gib * GiB) - (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+    plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,
+                              tokens=micro_tokens, dtype=next(model.parameters()).dtype, free=free,
+                              reserve=3 * 1024 * model.lm_head.weight.shape[0] * 4)
+    if plans is not None:
+        plans.append(plan.to_dict())
+    apply_checkpointing(model, adapter, plan)
     model.train()
     opt = torch.optim.AdamW(slices.parameters(), lr=5e-5, weight_decay=0.0)
     body = model.transformer
-    cache = PrefixCache(adapter.blocks(model), min(l for l, _ in targets), 2**40) if prefix_cache else None
+    cache = PrefixCache(adapter.blocks(model), lowest, 2**40) if prefix_cache else None
 
     def step(ids):
+        size = micro_batch or len(ids)
         with fast_kernels(model, adapter, attention == "sdpa"):
-            with cache.around(torch.arange(len(ids))) if cache else contextlib.nullcontext():
-                hidden = body(input_ids=ids, use_cache=False).last_hidden_state
-            causal_lm_loss(model.lm_head, hidden, ids, chunk_tokens=1024).backward()
+            for start in range(0, len(ids), size):
+                part = ids[start : start + size]
+                with cache.around(torch.arange(start, start + len(part))) if cache else contextlib.nullcontext():
+                    hidden = body(input_ids=part, use_cache=False).last_hidden_state
+                (causal_lm_loss(model.lm_head, hidden, part, chunk_tokens=1024) * (len(part) / len(ids))).backward()
         torch.nn.utils.clip_grad_norm_(slices.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -218,12 +240,30 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
     top = [(shape.n_layer - 1, h) for h in heads]
     prefix["top_layer_later_epochs"] = time_steps(lambda: our_step_fn(model, adapter, top, "sdpa", prefix_cache=True),
                                                   dev, ids, steps, max(warmup, 1))
+    surgery["ours_auto_8gib"], auto_plans = {}, []
     for where, layer in placements.items():
         targets = [(layer, h) for h in heads]
         surgery["ours"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "sdpa"), dev, ids, steps, warmup)
+        # checkpointing chosen by memory, for a card with 8 GiB (the goal's budget)
+        surgery["ours_auto_8gib"][where] = time_steps(
+            lambda: our_step_fn(model, adapter, targets, "sdpa", micro_tokens=ids.numel(), checkpointing="auto",
+                                budget_gib=AUTO_BUDGET_GIB, plans=auto_plans), dev, ids, steps, warmup)
         surgery["ours_eager"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "eager"), dev, ids, steps,
                                                   warmup)
         surgery["reference"][where] = time_steps(lambda: reference_step_fn(model, adapter, targets), dev, ids, steps, warmup)
+
+    # top-layer targets in later epochs with both: checkpointing for 8 GiB and the frozen prefix fed from the cache
+    surgery["ours_auto_8gib"]["high_later_epochs"] = time_steps(
+        lambda: our_step_fn(model, adapter, top, "sdpa", prefix_cache=True, micro_tokens=ids.numel(),
+                            checkpointing="auto", budget_gib=AUTO_BUDGET_GIB, plans=auto_plans), dev, ids, steps,
+        max(warmup, 1))
+    # the paper's recipe on a 16 GB card: micro-batch 1 x accumulation 8, band of layer 0 (backward through every
+    # layer), checkpointing chosen for 15.5 GiB
+    card_plans: list = []
+    card = time_steps(lambda: our_step_fn(model, adapter, [(0, h) for h in heads], "sdpa", micro_batch=1,
+                                          micro_tokens=seq_len, checkpointing="auto", budget_gib=CARD_BUDGET_GIB,
+                                          plans=card_plans), dev, ids, steps, warmup)
+    card.update(plan=card_plans[0], budget_gib=CARD_BUDGET_GIB)
 
     batches = [_random_ids(shape.vocab, batch, seq_len, dev, 1 + i) for i in range(diag_batches)]
 
@@ -263,6 +303,13 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
         "speedup_from_sdpa": {w: ratio(surgery["ours"][w], surgery["ours_eager"][w], "tokens_per_s") for w in placements},
         "memory_ratio": {w: ratio(surgery["reference"][w], surgery["ours"][w], "peak_gib") for w in placements},
         "high_vs_low_cost": ratio(surgery["ours"]["high"], surgery["ours"]["low"], "tokens_per_s"),
+        "checkpointing_auto_8gib": {"plans": dict(zip((*placements, "high_later_epochs"), auto_plans)),
+                                    "budget_gib": AUTO_BUDGET_GIB,
+                                    "vs_reference": {w: ratio(surgery["ours_auto_8gib"][w],
+                                                              surgery["reference"][w.removesuffix("_later_epochs")],
+                                                              "tokens_per_s") for w in surgery["ours_auto_8gib"]},
+                                    "goals": {"low": 2.0, "high": 4.0, "high_later_epochs": 4.0}},
+        "card_16gb": card,
         "diagnosis": diagnosis,
         "diagnosis_speedup": ratio(diagnosis["ours"], diagnosis["reference"], "tokens_per_s"),
         "diagnosis_vs_forward": ratio(diagnosis["ours"], diagnosis["plain_sdpa_forward"], "tokens_per_s"),
@@ -298,6 +345,18 @@ def print_bench(result: dict, console) -> None:
                   f"SDPA share {result['speedup_from_sdpa']}, diagnosis speedup {result['diagnosis_speedup']}")
     vs = result["diagnosis_vs_forward"]
     console.print(f"diagnosis_vs_forward {vs} (goal 0.9: {'met' if (vs or 0) >= 0.9 else 'missed'})")
+    a = result["checkpointing_auto_8gib"]
+    for where, goal in a["goals"].items():
+        row, got = result["surgery"]["ours_auto_8gib"][where], a["vs_reference"][where]
+        fits = row.get("peak_gib") is None or row["peak_gib"] <= a["budget_gib"]
+        console.print(f"checkpointing auto for {a['budget_gib']:g} GiB, {where} layer: {a['plans'][where]['mode']}, "
+                      f"{got}x the paper-style loop, peak {row.get('peak_gib', '—')} GiB (goal {goal:g}x within "
+                      f"{a['budget_gib']:g} GiB: {'met' if (got or 0) >= goal and fits else 'missed'})")
+    c = result["card_16gb"]
+    fits = c.get("peak_gib") is not None and c["peak_gib"] <= c["budget_gib"]
+    console.print(f"16 GB card (micro-batch 1 x 8, layer-0 band, checkpointing {c['plan']['mode']}): peak "
+                  f"{c.get('peak_gib', '—')} GiB, {c['tokens_per_s']:,.0f} tok/s (goal {c['budget_gib']:g} GiB"
+                  f"{': met' if fits else ': missed' if c.get('peak_gib') is not None else ': not measured on CPU'})")
     p = result["prefix_cache"]
     met = "met" if (p["later_vs_first"] or 0) >= p["goal"] else "missed"
     console.print(f"frozen-prefix cache, targets in layer {p['target_layer']}: later epochs "

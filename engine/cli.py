@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import HeadSurgeonError, InputError
 from .arch import SUPPORTED
+from .checkpointing import MODES as CHECKPOINT_MODES
 from .recipe import INIT_SCHEMES, RECIPES, SLICE_DTYPE_NAMES
 from .workflow import DEFAULT_CORPUS, DEFAULT_STEPS, JOB_DEFAULTS
 
@@ -112,7 +113,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the tracked in-domain set measured at every evaluation: N training blocks, evenly spaced "
                    "(0: none)")
     p.add_argument("--track-texts", help="track this text file instead (.txt one text a line, or .jsonl {\"text\": ...})")
-    p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    p.add_argument("--checkpointing", choices=CHECKPOINT_MODES, default=JOB_DEFAULTS["checkpointing"],
+                   help="activation checkpointing of the trained layers: auto keeps as many layers' activations as "
+                   "free memory holds and recomputes the rest (none, selective or full); the patch is the same")
+    p.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing none")
     p.add_argument("--prefix-cache-gb", type=float, default=JOB_DEFAULTS["prefix_cache_gb"],
                    help="keep what the frozen layers below the lowest target compute for each training block, up to "
                    "this many GiB (on a GPU at most half its free memory), so later epochs skip them (0: off)")

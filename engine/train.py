@@ -14,6 +14,9 @@ from typing import Any, Callable
 import torch
 
 from .arch import base_model
+from .checkpointing import MODES as CHECKPOINT_MODES
+from .checkpointing import (CheckpointPlan, apply_checkpointing, disable_checkpointing, enable_checkpointing,  # noqa: F401
+                            free_bytes, plan_checkpointing)
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
 from .distributed import all_sum, any_rank, spread, world
@@ -62,7 +65,8 @@ class TrainConfig:
     select_on: str = "heldout"  # the perplexity that picks the kept checkpoint: "heldout" or "tracked"
     patience: int | None = None  # stop a pass after this many evaluations without a better kept checkpoint
     slice_dtype: str = "fp32"  # trainable slices and AdamW state: "fp32", or "bf16" as the paper's scripts
-    gradient_checkpointing: bool = True
+    checkpointing: str = "auto"  # activation checkpointing: auto (by free memory), full, selective or none
+    gradient_checkpointing: bool | None = None  # before `checkpointing`: True was full, False none
     prefix_cache_gb: float = 4.0  # keep what the frozen layers below the lowest target compute, up to this (0: off)
     prefix_cache_where: str = "device"  # "device": beside the model; "host": pinned host memory
     loss_chunk_tokens: int = 1024
@@ -99,6 +103,11 @@ class TrainConfig:
             raise InputError(f"attention must be sdpa or eager (got {self.attention!r})")
         if self.seq_len < 2:
             raise InputError(f"seq len must be at least 2 (got {self.seq_len})")
+        if self.gradient_checkpointing is not None:  # a job recorded before `checkpointing`
+            self.checkpointing = "full" if self.gradient_checkpointing else "none"
+            self.gradient_checkpointing = None
+        if self.checkpointing not in CHECKPOINT_MODES:
+            raise InputError(f"checkpointing must be one of {', '.join(CHECKPOINT_MODES)} (got {self.checkpointing!r})")
 
     @property
     def blocks_per_step(self) -> int:
@@ -141,6 +150,7 @@ class PassResult:
     stopped_early: bool = False  # early stopping (TrainConfig.patience) ended the pass
     prefix_cache: dict[str, Any] | None = None  # what the frozen-prefix cache kept and served (engine.prefix_cache)
     blocks_per_rank: list[int] | None = None  # in a distributed run: the training blocks each rank processed
+    checkpointing: dict[str, Any] | None = None  # the activation checkpointing it ran with (engine.checkpointing)
 
     def to_dict(self) -> dict[str, Any]:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
@@ -150,7 +160,7 @@ class PassResult:
                 "steps_done": self.steps_done, "cancelled": self.cancelled, "stopped_early": self.stopped_early,
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds,
                 "class_counts": self.class_counts(), "prefix_cache": self.prefix_cache,
-                "blocks_per_rank": self.blocks_per_rank}
+                "blocks_per_rank": self.blocks_per_rank, "checkpointing": self.checkpointing}
 
     def class_counts(self) -> dict[str, dict[str, int]] | None:
         """Class counts of the model this pass leaves (its kept checkpoint's point; the last point if none)."""
@@ -159,19 +169,11 @@ class PassResult:
         return {"classes": kept[0]["class_counts"], "paper": kept[0]["paper_counts"]} if kept else None
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing with input gradients off: transformers forces them on, but
-    with frozen embeddings nothing below the lowest trainable layer needs them, so backward stops there."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.disable_input_require_grads()
-
-
-def disable_checkpointing(model) -> None:
-    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+def _describe(plan: CheckpointPlan) -> str:
+    if plan.mode != "selective":
+        return f"{plan.mode} ({plan.asked})" if plan.asked == "auto" else plan.mode
+    first, last = plan.checkpointed[0], plan.checkpointed[-1]
+    return f"selective (layers {first}-{last} recompute; {plan.asked})"
 
 
 def block_order(n_blocks: int, epoch: int, seed: int) -> torch.Tensor:
@@ -257,6 +259,7 @@ class SurgeryRun:
         self.optimizer = None
         self.scheduler = None
         self.prefix: PrefixCache | None = None
+        self.checkpoint_plan: CheckpointPlan | None = None
         self.world = world()
         self.blocks_trained = 0  # by this rank (its share of every step's blocks in a distributed run)
         self._best_tensors: dict[str, torch.Tensor] | None = None
@@ -278,11 +281,22 @@ class SurgeryRun:
                                               budget_gb=c.prefix_cache_gb, where=c.prefix_cache_where,
                                               total_steps=self.total,
                                               steps_per_epoch=c.steps_per_epoch(len(self.corpus.train)))
-        if c.gradient_checkpointing:
-            enable_checkpointing(self.model)
+        self.checkpoint_plan = self._checkpoint_plan()
+        apply_checkpointing(self.model, self.adapter, self.checkpoint_plan)
+
+    def _checkpoint_plan(self) -> CheckpointPlan:
+        """Checkpointing for this pass from the memory free now, less the loss's logits chunk (fp32 logits and
+        their gradient) and the prefix cache's budget."""
+        c, a = self.config, self.adapter
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        reserve = 3 * c.loss_chunk_tokens * vocab * 4 + (self.prefix.budget if self.prefix else 0)
+        return plan_checkpointing(c.checkpointing, n_layer=a.n_layer, lowest=min(self.plan.layers),
+                                  hidden=a.hidden_size, tokens=c.micro_batch * c.seq_len,
+                                  dtype=next(self.model.parameters()).dtype, free=free_bytes(self.device),
+                                  reserve=reserve)
 
     def _teardown(self) -> None:
-        if self.config.gradient_checkpointing:
+        if self.checkpoint_plan is not None and self.checkpoint_plan.checkpointed:
             disable_checkpointing(self.model)
         self.model.eval()
 
@@ -441,8 +455,10 @@ class SurgeryRun:
         try:
             start = self._load_state(Path(resume_state)) if resume_state else 0
             per_epoch = c.steps_per_epoch(len(self.corpus.train))
+            self.result.checkpointing = self.checkpoint_plan.to_dict()
             self.sink.emit(PhaseChanged(self.pass_name, f"{len(self.plan.targets)} target heads, {self.total} steps, "
-                                        f"{sum(p.numel() for p in self.slices.parameters()):,} trainable values"))
+                                        f"{sum(p.numel() for p in self.slices.parameters()):,} trainable values, "
+                                        f"checkpointing {_describe(self.checkpoint_plan)}"))
             model_dtype = next(self.model.parameters()).dtype
             if SLICE_DTYPES[c.slice_dtype] != model_dtype and c.slice_dtype == "bf16":
                 self.sink.emit(Notice(f"{self.pass_name}: bf16 slices on a {str(model_dtype).replace('torch.', '')} "

@@ -60,7 +60,7 @@ class JobInputs:
     eval_blocks: int = 16
     track_blocks: int = 16
     track_texts: str | None = None
-    checkpointing: bool = True
+    checkpointing: str = "auto"
     prefix_cache_gb: float = 4.0
     prefix_cache_where: str = "device"
     seed: int = 0
@@ -81,7 +81,7 @@ class JobInputs:
         """From an argparse namespace (attributes named like the fields; missing ones keep defaults)."""
         values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
         if getattr(args, "no_checkpointing", False):
-            values["checkpointing"] = False
+            values["checkpointing"] = "none"
         return cls(**{**values, **overrides})
 
     @classmethod
@@ -108,7 +108,7 @@ class JobInputs:
             steps=train.get("steps"), epochs=train.get("epochs"), seq_len=train.get("seq_len", 512),
             lr=train.get("lr", 5e-5), micro_batch=train.get("micro_batch", 1), grad_accum=train.get("grad_accum", 8),
             warmup_frac=train.get("warmup_frac", 0.05), eval_every=train.get("eval_every"),
-            eval_blocks=train.get("eval_blocks", 16), checkpointing=train.get("gradient_checkpointing", True),
+            eval_blocks=train.get("eval_blocks", 16), checkpointing=_checkpointing(train),
             seed=plans[0].get("seed", train.get("seed", 0)), prompts=diag.get("prompts"),
             batch_size=diag.get("batch_size", 8), max_len=diag.get("max_len", 512),
             sink=th.get("sink", 0.5), dead=th.get("dead", 0.95), low_entropy=th.get("low_entropy", 0.5),
@@ -157,7 +157,7 @@ class JobInputs:
                            eval_blocks=self.eval_blocks, track_blocks=self.track_blocks,
                            track_texts=_absolute(self.track_texts), select_on=self.chosen("select_on"),
                            patience=self.chosen("patience") or None, slice_dtype=self.chosen("slice_dtype"),
-                           gradient_checkpointing=self.checkpointing, prefix_cache_gb=self.prefix_cache_gb,
+                           checkpointing=self.checkpointing, prefix_cache_gb=self.prefix_cache_gb,
                            prefix_cache_where=self.prefix_cache_where, seed=self.seed, recipe=recipe(self.recipe).name)
 
     def corpus_spec(self):
@@ -418,6 +418,14 @@ def new_session_path(name: str, root: str | Path = SESSIONS_DIR) -> Path:
     while path.exists():
         path, n = root / f"{name}-{n}.json", n + 1
     return check_output_file(path, what="session")
+
+
+def _checkpointing(train: dict[str, Any]) -> str:
+    """A recorded job's checkpointing (jobs before the modes recorded gradient_checkpointing True/False)."""
+    legacy = train.get("gradient_checkpointing")
+    if legacy is not None:
+        return "full" if legacy else "none"
+    return train.get("checkpointing", "auto")
 
 
 def _absolute(source: str | None) -> str | None:

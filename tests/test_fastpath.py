@@ -107,3 +107,8 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path):
     assert prefix["first_epoch"]["tokens_per_s"] > 0 and prefix["later_epochs"]["tokens_per_s"] > 0
     assert prefix["later_vs_first"] > 0 and "frozen-prefix cache" in done.stdout
     assert prefix["top_layer_later_epochs"]["tokens_per_s"] > 0 and prefix["top_layer_later_vs_reference"] > 0
+    auto = result["checkpointing_auto_8gib"]
+    assert set(auto["plans"]) == set(auto["vs_reference"]) == {"low", "high", "high_later_epochs"}
+    assert all(plan["asked"] == "auto" for plan in auto["plans"].values()) and "checkpointing auto for 8" in done.stdout
+    card = result["card_16gb"]
+    assert card["plan"]["asked"] == "auto" and card["tokens_per_s"] > 0 and "16 GB card" in done.stdout

@@ -1,0 +1,104 @@
+"""Activation checkpointing chosen by memory: none, selective or full.
+
+Only the layers from the lowest target up keep anything for backward (below it nothing needs a gradient).
+Without checkpointing each of them keeps its activations for the whole step; with it, a layer keeps only its
+input and computes the rest again in backward, which costs about one more forward of those layers.
+`auto` keeps as many layers' activations as the free memory holds (the top ones, nearest the loss) and
+checkpoints the rest: none when all fit, full when none does, selective in between. The other modes are
+what they say. The numbers never change: a recomputed layer computes what it computed the first time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import InputError
+
+MODES = ("auto", "full", "selective", "none")
+# what one layer keeps for backward per token without checkpointing, in values of the model's dtype: the two
+# LayerNorms' inputs, the attention's q, k, v and output, the GeLU's input (4 x hidden), and the casts around
+# them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken); a margin
+# over what the H200 bench measures (docs/benchmarks.md)
+VALUES_PER_TOKEN_LAYER = 20
+SAFETY = 0.8  # of the free memory, the share the kept activations may take
+
+
+@dataclass
+class CheckpointPlan:
+    """Which of the trained span's layers recompute in backward, and why."""
+
+    mode: str  # full | selective | none (what ran; `auto` resolves to one of these)
+    checkpointed: list[int]  # the layers that recompute
+    asked: str = "auto"
+    layer_gib: float | None = None  # the estimate per kept layer
+    free_gib: float | None = None  # the memory it was chosen from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory where the activations go: the GPU's (after what this process holds), or the host's."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def layer_bytes(hidden: int, tokens: int, dtype: torch.dtype) -> int:
+    """Estimated activations one layer keeps for backward without checkpointing."""
+    return VALUES_PER_TOKEN_LAYER * hidden * tokens * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tokens: int, dtype: torch.dtype,
+                       free: int, reserve: int = 0) -> CheckpointPlan:
+    """The plan for layers lowest..n_layer-1 trained with micro-batches of `tokens` tokens, given `free` bytes
+    of which `reserve` are spoken for (the loss's logits chunk, the prefix cache)."""
+    if mode not in MODES:
+        raise InputError(f"checkpointing must be one of {', '.join(MODES)} (got {mode!r})")
+    span = list(range(lowest, n_layer))
+    per_layer = layer_bytes(hidden, tokens, dtype)
+    room = max(0.0, SAFETY * (free - reserve))
+    keep = len(span) if mode == "none" else 0 if mode == "full" else min(len(span), int(room // max(per_layer, 1)))
+    if mode == "selective":
+        keep = min(keep, len(span) - 1)  # selective recomputes at least one layer
+    checkpointed = span[: len(span) - keep]  # the top layers keep theirs
+    resolved = "full" if len(checkpointed) == len(span) else "none" if not checkpointed else "selective"
+    return CheckpointPlan(resolved, checkpointed, mode, round(per_layer / 2**30, 4), round(free / 2**30, 2))
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing with input gradients off: transformers forces them on, but
+    with frozen embeddings nothing below the lowest trainable layer needs them, so backward stops there."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def disable_checkpointing(model) -> None:
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def apply_checkpointing(model, adapter, plan: CheckpointPlan) -> None:
+    """Switch on transformers' non-reentrant checkpointing for the plan's layers only (`enable_checkpointing`
+    for the model, then off again on the layers that keep their activations)."""
+    if not plan.checkpointed:
+        return
+    enable_checkpointing(model)
+    keep = set(range(adapter.n_layer)) - set(plan.checkpointed)
+    for layer, block in enumerate(adapter.blocks(model)):
+        if layer in keep:
+            block.gradient_checkpointing = False
