@@ -267,8 +267,8 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
 
     batches = [_random_ids(shape.vocab, batch, seq_len, dev, 1 + i) for i in range(diag_batches)]
 
-    def ours_diag(bs, a=adapter):
-        run_statistics(model, a, [row.tolist() for b in bs for row in b.cpu()], batch_size=batch)
+    def ours_diag(bs, a=adapter, path=None):  # the fused statistics path where available (BLOOM on CUDA)
+        run_statistics(model, a, [row.tolist() for b in bs for row in b.cpu()], batch_size=batch, path=path)
 
     @torch.no_grad()
     def plain_forward(bs):  # what diagnosis would cost if it were free: the body's forward through SDPA
@@ -279,6 +279,7 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
 
     diagnosis = {"reference": time_diagnosis(lambda bs: diagnosis_reference(model, bs), dev, batches),
                  "ours": time_diagnosis(ours_diag, dev, batches),
+                 "ours_eager_probabilities": time_diagnosis(lambda bs: ours_diag(bs, path="eager"), dev, batches),
                  "plain_sdpa_forward": time_diagnosis(plain_forward, dev, batches)}
     # Depth scaling: the same diagnosis through the first half of the layers only.
     full_layers, half = model.transformer.h, shape.n_layer // 2

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Adapter, base_model
+from . import fused_stats
 from .distributed import all_sum, any_rank, spread
 from .fastpath import probabilities_exposed
 from .errors import InputError
@@ -91,6 +92,7 @@ class HeadStatsCollector:
         self._weights: torch.Tensor | None = None
         self._grams: dict[int, torch.Tensor] = {}
         self._handles: list = []
+        self.dense_terms = fused_stats.dense_terms  # the fused path on CUDA sets the compiled one
 
     def __enter__(self) -> "HeadStatsCollector":
         for layer in range(self.adapter.n_layer):
@@ -136,7 +138,12 @@ class HeadStatsCollector:
         for back in (1, 2):
             if p.shape[-1] > back:
                 local = local + F.pad(torch.diagonal(p, -back, -2, -1), (back, 0))
-        stats = torch.stack((p[..., 0], entropy, local))  # [3, B, H, Lq]
+        self.add_row_stats(layer, torch.stack((p[..., 0], entropy, local)))
+
+    def add_row_stats(self, layer: int, stats: torch.Tensor) -> None:
+        """Add one batch's per-row statistics [3, B, H, Lq] (BOS mass, entropy, local mass) of `layer`."""
+        if self._weights is None:
+            return
         self.sums[:3, layer] += (stats * self._weights[None, :, None, :]).sum(dim=(1, 3)).double()
 
     def _dense_hook(self, layer: int):
@@ -144,7 +151,7 @@ class HeadStatsCollector:
             if self._weights is None:
                 return
             with torch.no_grad():
-                self._reduce_dense(layer, module, args[0].float(), output.float())
+                self._reduce_dense(layer, module, args[0], output)
 
         return hook
 
@@ -157,13 +164,9 @@ class HeadStatsCollector:
         return self._grams[layer]
 
     def _reduce_dense(self, layer: int, module, ctx: torch.Tensor, out: torch.Tensor) -> None:
-        n_head, d = self.adapter.n_head, self.adapter.head_dim
-        c = ctx.reshape(-1, n_head, d).transpose(0, 1)  # [H, B*L, d]
-        head_sq = (torch.bmm(c, self._gram(layer, module)) * c).sum(-1)  # ||W_h c_h||^2, [H, B*L]
-        total = out - module.bias.float() if module.bias is not None else out
-        w = self._weights.reshape(-1)
-        self.sums[3, layer] += (head_sq.clamp_min(0).sqrt() @ w).double()
-        self.layer_norm[layer] += (total.norm(dim=-1).reshape(-1) @ w).double()
+        heads, total = self.dense_terms(ctx, out, self._gram(layer, module), module.bias, self._weights)
+        self.sums[3, layer] += heads.double()
+        self.layer_norm[layer] += total.double()
 
     def means(self) -> dict[str, np.ndarray]:
         n = max(self.count, 1.0)
@@ -183,21 +186,35 @@ def run_statistics(
     pad_id: int = 0,
     sink: Sink | None = None,
     cancelled=lambda: False,
+    path: str | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Per-head mean statistics over `token_ids`; returns (stats, number of query positions)."""
+    """Per-head mean statistics over `token_ids`; returns (stats, number of query positions). `path`: "eager"
+    reads the attention probabilities the model computes; "fused" reduces BLOOM's scores in one kernel
+    without writing probabilities (engine.fused_stats); default: fused where it is available (BLOOM on CUDA)."""
     sink = sink or NullSink()
     device = next(model.parameters()).device
+    path = path or ("fused" if fused_stats.available(adapter, device) else "eager")
+    if path not in ("fused", "eager") or (path == "fused" and adapter.family != "bloom"):
+        raise InputError(f"diagnosis path {path!r}: use eager, or fused for BLOOM")
     body = base_model(model)
     was_training = model.training
     model.eval()
     done = 0
     try:
-        with HeadStatsCollector(model, adapter) as collector, probabilities_exposed(model, adapter):
+        collector = HeadStatsCollector(model, adapter)
+        if path == "fused" and device.type == "cuda":
+            collector.dense_terms = fused_stats.compiled_dense_terms()
+        with collector, (
+                fused_stats.statistics_attention(model, adapter, collector.add_row_stats) if path == "fused"
+                else probabilities_exposed(model, adapter)):
             # in a distributed run each rank measures its share of the batches, and the sums are added up
             for (ids, mask), real in spread(list(right_padded_batches(token_ids, batch_size, pad_id))):
                 if any_rank(cancelled(), device):
                     break
-                collector.set_batch(mask) if real else collector.skip_batch()
+                if real:
+                    collector.set_batch(mask)
+                else:
+                    collector.skip_batch()
                 body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 done += len(ids) * real
                 sink.emit(DiagnosisProgress(done, len(token_ids), int(collector.count)))

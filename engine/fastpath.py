@@ -147,14 +147,23 @@ def fast_kernels(model, adapter: Adapter, enabled: bool = True):
             yield
         return
     forward = _mpt_sdpa_forward if adapter.family == "mpt" else _sdpa_forward
+    try:
+        with fused_gelu(model, adapter), _swapped(modules, forward, _hs_bias_cache=shared_cache):
+            yield
+    finally:
+        shared_cache.clear()
+
+
+@contextmanager
+def fused_gelu(model, adapter: Adapter):
+    """Within the block BLOOM's MLP runs PyTorch's fused tanh GeLU (the formula of its own several-kernel
+    function); other families are left as they are."""
     gelus = [block.mlp.gelu_impl for block in adapter.blocks(model)] if adapter.family == "bloom" else []
     for g in gelus:
         g.forward = types.MethodType(_tanh_gelu, g)
     try:
-        with _swapped(modules, forward, _hs_bias_cache=shared_cache):
-            yield
+        yield
     finally:
-        shared_cache.clear()
         for g in gelus:
             del g.forward
 

@@ -102,10 +102,9 @@ class SurgeryScreen(ModalScreen[dict | None]):
                     yield Input(value=str(self.defaults.get(name, "")), placeholder=label, id=f"field-{name}")
             yield Checkbox("also run a sham control arm (no re-init)",
                            bool(self.defaults.get("control")), id="field-control")
-            yield Label("corpus: text file, directory, .jsonl/.parquet, hub dataset id, or python-stdlib/PKG\n"
-                        "recipe: default, or paper (the paper's scripts' choices: README)\n"
-                        "GPUs: more than 1 runs detached under torchrun, one process each\n"
-                        "enter starts · esc cancels · tab moves between fields, space ticks the box", classes="hint")
+            yield Label("corpus: file, folder, .jsonl, .parquet, hub dataset, python-stdlib/PKG\n"
+                        "recipe: default or paper (README) · GPUs over 1: torchrun, detached\n"
+                        "enter starts · esc cancels · tab: next field · space ticks the box", classes="hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         fields = {name: self.query_one(f"#field-{name}", Input).value.strip() for name, _ in self.FIELDS}

@@ -1,0 +1,113 @@
+"""Diagnosis statistics without the eager attention's probabilities: BLOOM on a GPU.
+
+The eager path writes every layer's scores, fp32 softmax and bf16 probabilities, multiplies them with the
+values, and the diagnosis hook then reads the probabilities again in fp32: several full passes over a
+[B, H, L, L] tensor per layer, which made diagnosis about 0.35x a plain forward on bloom-1b7. Here each
+attention module instead
+  - computes its output through SDPA (engine.fastpath, as training does), and
+  - computes the scores exactly as BLOOM's eager code does (`alibi.baddbmm(q, k^T)` in the model's dtype,
+    plus its additive mask) and reduces them in one compiled kernel, in fp32, to per-row mass on key 0,
+    entropy and local mass (keys i, i-1, i-2), which go straight to the statistics collector;
+and the MLP runs the fused GeLU, as in training. No probability tensor is written. The statistics are in
+fp32 throughout (eager rounds the probabilities to bf16 first); the outputs through SDPA and the fused GeLU
+differ from eager's by bf16 rounding, which later layers see. On an H200, bloom-1b7 shape in bf16, within
+4e-4 (BOS mass), 1.8e-3 nats (entropy) and 5e-4 (local mass) of the eager path, and within 1e-6 in fp32
+(docs/bench/fused_stats_gpu.py). Compiled with torch.compile on CUDA (a process's first diagnosis compiles
+it, about 15 s; later ones reuse it); elsewhere (CPU: tests) the same functions run uncompiled.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .arch import Adapter
+from .fastpath import _combined_bias, _swapped, fused_gelu
+
+
+def row_statistics(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[3, B, H, Lq] (mass on key 0, entropy in nats, local mass) of the scores [B, H, Lq, Lk] with the model's
+    additive mask (masked keys at the dtype's minimum), added in the scores' dtype as the eager path adds it;
+    the rest in fp32."""
+    s = (scores + mask if mask is not None else scores).float()
+    # two passes over a row: its maximum, then the sums of e = exp(s - max) and of e * s; the entropy is
+    # log-sum-exp - E_p[s], and the masses are e at the keys over the sum (no probability row is formed)
+    top = s.amax(-1, keepdim=True)
+    e = torch.exp(s - top)
+    z = e.sum(-1)
+    weighted = torch.where(e > 0, e * s, 0.0).sum(-1)  # masked keys: e = 0 at the dtype's minimum score
+    entropy = top.squeeze(-1) + torch.log(z) - weighted / z
+    local = torch.diagonal(e, 0, -2, -1)
+    for back in (1, 2):
+        if e.shape[-1] > back:
+            local = local + F.pad(torch.diagonal(e, -back, -2, -1), (back, 0))
+    return torch.stack((e[..., 0] / z, entropy, local / z))
+
+
+def dense_terms(ctx: torch.Tensor, out: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | None,
+                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contribution sums of one `dense` call: per head sum_rows w ||W_h c_h|| ([H]) and sum_rows w ||y - b||,
+    in fp32 (engine.diagnosis.HeadStatsCollector, which holds the per-head Gram matrices W_h^T W_h)."""
+    n_head, d = gram.shape[0], gram.shape[-1]
+    c = ctx.float().reshape(-1, n_head, d).transpose(0, 1)  # [H, B*L, d]
+    head_sq = (torch.bmm(c, gram) * c).sum(-1)  # ||W_h c_h||^2, [H, B*L]
+    total = out.float() - bias.float() if bias is not None else out.float()
+    w = weights.reshape(-1)
+    return head_sq.clamp_min(0).sqrt() @ w, total.norm(dim=-1).reshape(-1) @ w
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(row_statistics, dynamic=True)
+
+
+@functools.cache
+def compiled_dense_terms():
+    """`dense_terms` as one compiled graph (CUDA): the casts, the norms and the weighted sums fused."""
+    return torch.compile(dense_terms, dynamic=True)
+
+
+def available(adapter: Adapter, device: torch.device) -> bool:
+    """Where this path is used by default: BLOOM on CUDA (elsewhere diagnosis reads the eager probabilities)."""
+    return adapter.family == "bloom" and device.type == "cuda"
+
+
+def _stats_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                   output_attentions=False, **kwargs):
+    if layer_past is not None or output_attentions:
+        return self._hs_original_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                         use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+    batch, q_len, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))  # [B, H, L, d] each
+    if self._hs_collect is not None:
+        flat = lambda x: x.reshape(batch * self.num_heads, -1, self.head_dim)  # noqa: E731
+        scores = alibi.baddbmm(batch1=flat(q), batch2=flat(k).transpose(-1, -2), beta=self.beta,
+                               alpha=self.inv_norm_factor).view(batch, self.num_heads, q_len, -1)
+        self._hs_collect(self._hs_reduce(scores, attention_mask))
+    bias = _combined_bias(self, alibi, attention_mask, batch, q_len, q.dtype)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, scale=self.inv_norm_factor)
+    out = self.dense(ctx.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
+    return F.dropout(out, p=self.hidden_dropout, training=self.training) + residual, None
+
+
+@contextmanager
+def statistics_attention(model, adapter: Adapter, collect, *, compiled: bool | None = None):
+    """Within the block every BLOOM attention module hands `collect(layer, stats)` its [3, B, H, Lq] row
+    statistics and runs its output through SDPA, and the MLP runs the fused GeLU (as in training: the eager
+    path's several-kernel GeLU and its launches cost more than the statistics); `compiled` (default: on
+    CUDA) fuses the reduction."""
+    modules = [adapter.attention(model, layer) for layer in range(adapter.n_layer)]
+    device = next(model.parameters()).device
+    reduce = _compiled() if (device.type == "cuda" if compiled is None else compiled) else row_statistics
+    shared_cache: list = []
+    with fused_gelu(model, adapter), _swapped(modules, _stats_forward, _hs_bias_cache=shared_cache,
+                                              _hs_reduce=reduce, _hs_collect=None):
+        for layer, module in enumerate(modules):
+            module._hs_collect = functools.partial(collect, layer)
+        try:
+            yield
+        finally:
+            shared_cache.clear()
