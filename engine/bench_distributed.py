@@ -11,13 +11,14 @@ import time
 
 import torch
 
-from .bench import GiB, SHAPES, _random_ids, band_heads, build_random_model
+from .bench import GiB, SHAPES, band_heads, build_random_model, random_ids
 from .diagnosis import run_statistics
 from .distributed import all_sum, spread, world
 from .fastpath import fast_kernels
 from .loss import causal_lm_loss
 from .surgery import SurgeryPlan, operate
-from .train import _MicroGradients, disable_checkpointing, enable_checkpointing
+from .checkpointing import disable_checkpointing, enable_checkpointing
+from .train import MicroGradients
 
 
 def _model(shape_name: str, device: torch.device, dtype: torch.dtype):
@@ -76,7 +77,8 @@ def run_distributed_bench(shape_name: str, device: torch.device, *, batch: int =
     after_load = _peaks(device)
 
     # diagnosis: the statistics path, each rank its share of the global batches
-    prompts = [row.tolist() for i in range(diag_batches) for row in _random_ids(shape.vocab, batch, seq_len, "cpu", 1 + i)]
+    prompts = [row.tolist() for i in range(max(diag_batches, w.size))
+               for row in random_ids(shape.vocab, batch, seq_len, "cpu", 1 + i)]  # at least a batch for each rank
     run_statistics(model, adapter, prompts[:batch * max(1, w.size)], batch_size=batch)  # warm-up
     _reset(device)
     t0 = _synced(device)
@@ -97,12 +99,12 @@ def run_distributed_bench(shape_name: str, device: torch.device, *, batch: int =
 
     def step(ids: torch.Tensor) -> None:
         micro = [ids[i : i + 1] for i in range(len(ids))]
-        slots = _MicroGradients(params, len(micro)) if w.active else None
+        slots = MicroGradients(params, len(micro)) if w.active else None
         with fast_kernels(model, adapter):
             for (k, one), real in spread(list(enumerate(micro))):
                 one = one.to(device)
                 loss = causal_lm_loss(model.lm_head, body(input_ids=one, use_cache=False).last_hidden_state, one)
-                (loss * (float(real) / len(micro))).backward()
+                (loss / len(micro) if real else loss * 0.0).backward()
                 if slots is not None:
                     if real:
                         slots.keep(k, float(loss.detach()))
@@ -113,7 +115,7 @@ def run_distributed_bench(shape_name: str, device: torch.device, *, batch: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    ids = _random_ids(shape.vocab, batch, seq_len, "cpu", 0)
+    ids = random_ids(shape.vocab, batch, seq_len, "cpu", 0)
     try:
         for _ in range(warmup):
             step(ids)
@@ -125,7 +127,8 @@ def run_distributed_bench(shape_name: str, device: torch.device, *, batch: int =
     finally:
         model.eval()
         disable_checkpointing(model)
-    surgery = {"tokens_per_s": round(steps * batch * seq_len / train_s, 1), "seconds_per_step": round(train_s / steps, 3),
+    surgery = {"tokens_per_s": round(steps * batch * seq_len / train_s, 1),
+               "seconds_per_step": round(train_s / steps, 3),
                "peak_gib_per_rank": _peaks(device), "target_layer": layer, "target_heads": heads}
     return {"shape": shape_name, "config": shape.__dict__, "world_size": w.size, "backend": w.backend,
             "batch": batch, "seq_len": seq_len, "steps": steps, "micro_batch": 1, "grad_accum": batch,
@@ -143,5 +146,6 @@ def print_distributed_bench(result: dict, console) -> None:
                   f"{r['peak_gib_per_rank_after_load'] or '—'}")
     console.print(f"  diagnosis {d['tokens_per_s']:,.0f} tok/s; peak GiB per rank {d['peak_gib_per_rank'] or '—'}")
     console.print(f"  surgery (heads {s['target_heads'][0]}-{s['target_heads'][-1]} of layer {s['target_layer']}, "
-                  f"micro-batch 1 x {r['grad_accum']}) {s['tokens_per_s']:,.0f} tok/s, {s['seconds_per_step']} s a step; "
+                  f"micro-batch 1 x {r['grad_accum']}) {s['tokens_per_s']:,.0f} tok/s, "
+                  f"{s['seconds_per_step']} s a step; "
                   f"peak GiB per rank {s['peak_gib_per_rank'] or '—'}")

@@ -113,10 +113,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the tracked in-domain set measured at every evaluation: N training blocks, evenly spaced "
                    "(0: none)")
     p.add_argument("--track-texts", help="track this text file instead (.txt one text a line, or .jsonl {\"text\": ...})")
-    p.add_argument("--checkpointing", choices=CHECKPOINT_MODES, default=JOB_DEFAULTS["checkpointing"],
-                   help="activation checkpointing of the trained layers: auto keeps as many layers' activations as "
-                   "free memory holds and recomputes the rest (none, selective or full); the patch is the same")
-    p.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing none")
+    checkpointing = p.add_mutually_exclusive_group()
+    checkpointing.add_argument("--checkpointing", choices=CHECKPOINT_MODES, default=JOB_DEFAULTS["checkpointing"],
+                               help="activation checkpointing of the trained layers: auto keeps as many layers' "
+                               "activations as free memory holds and recomputes the rest (none, selective or full); "
+                               "the patch is the same")
+    checkpointing.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing none")
+    p.add_argument("--loss-chunk-tokens", type=_positive, default=JOB_DEFAULTS["loss_chunk_tokens"],
+                   help="tokens whose vocabulary logits the loss holds at once (fp32, 250,880 a token for BLOOM): "
+                   "smaller holds less (256 for bloom-7b1 on a 16 GB card), the same loss to rounding")
     p.add_argument("--prefix-cache-gb", type=float, default=JOB_DEFAULTS["prefix_cache_gb"],
                    help="keep what the frozen layers below the lowest target compute for each training block, up to "
                    "this many GiB (on a GPU at most half its free memory), so later epochs skip them (0: off)")
@@ -238,8 +243,9 @@ def cmd_operate(args) -> int:
 def _relaunch_under_torchrun(nproc: int) -> int:
     """`operate --nproc N` (or `bench`) in the foreground: this same command again under torchrun, one
     process per GPU. --nproc is left out of the relaunched command: torchrun's own parser would take it for
-    an abbreviation of its --nproc-per-node, and each process knows the world it is in."""
-    import os
+    an abbreviation of its --nproc-per-node, and each process knows the world it is in. Output streams as
+    it comes; of a failure, our own error line is shown (rank 0's first) rather than torchrun's traceback."""
+    import subprocess
 
     from .runner import torchrun_command
 
@@ -249,10 +255,23 @@ def _relaunch_under_torchrun(nproc: int) -> int:
             next(rest, None)
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    cmd = [*torchrun_command(nproc), "-m", "engine.cli", *argv]
     sys.stdout.flush()
-    os.execv(cmd[0], cmd)
-    return 0  # pragma: no cover - execv does not return
+    done = subprocess.run([*torchrun_command(nproc), "-m", "engine.cli", *argv], stderr=subprocess.PIPE, text=True)
+    lines = done.stderr.splitlines()
+    ours = [line for line in lines if line.startswith("head-surgeon: error")]
+    if done.returncode == 0:
+        sys.stderr.write("".join(f"{line}\n" for line in lines if not _torchrun_banner(line)))
+        return 0
+    if ours:
+        print(min(ours, key=lambda line: "(rank" in line), file=sys.stderr)  # rank 0's when it has one
+        return 2
+    sys.stderr.write("\n".join(lines[-30:]) + "\n")
+    return done.returncode
+
+
+def _torchrun_banner(line: str) -> bool:
+    """torchrun's start-up notice about OMP_NUM_THREADS (its lines begin with a log prefix or asterisks)."""
+    return "OMP_NUM_THREADS" in line or line.strip("* ") == "" or "distributed/run.py" in line
 
 
 def _session_model(session, args):
@@ -428,10 +447,10 @@ def cmd_bench(args) -> int:
     batch, seq_len = (2, 64) if args.tiny else (args.batch, args.seq_len)
     from .distributed import world
 
+    if shape == "bloom-176b" and (args.nproc or 1) < 2 and not world().active:
+        raise InputError("the bloom-176b shape does not fit one GPU: give --nproc N (8 H200s hold it)")
     if args.nproc is not None or world().active:
         return _bench_distributed(args, console, shape, batch, seq_len)
-    if shape == "bloom-176b":
-        raise InputError("the bloom-176b shape does not fit one GPU: give --nproc N (8 H200s hold it)")
     with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
         result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
                            warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6)
@@ -602,15 +621,19 @@ def _join_torchrun(args) -> None:
 
 def dispatch(args) -> int:
     """Run a parsed command; user errors become one line on stderr and exit status 2."""
-    from .distributed import shutdown
-    from .runtime import quiet_libraries
+    import os
+
+    from .distributed import launched, shutdown
+    from .runtime import allocator_defaults, quiet_libraries
 
     quiet_libraries()
+    allocator_defaults()
     try:
         _join_torchrun(args)
         return args.func(args)
     except HeadSurgeonError as exc:
-        print(f"head-surgeon: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if launched() else "0"  # under torchrun every rank may say it
+        print(f"head-surgeon: error{'' if rank == '0' else f' (rank {rank})'}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("head-surgeon: interrupted", file=sys.stderr)

@@ -105,10 +105,22 @@ def shutdown() -> None:
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (and return it)."""
     if world().active:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        reduce_in_place(tensor, "sum")
     return tensor
+
+
+def reduce_in_place(tensor: torch.Tensor, op: str) -> None:
+    """All-reduce (`sum`, `min` or `max`) on the backend's device: NCCL has no CPU tensors, so a host tensor
+    goes through this rank's GPU there and comes back."""
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=ops[op])
+        tensor.copy_(staged)
+    else:
+        dist.all_reduce(tensor, op=ops[op])
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -117,6 +129,15 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
         return flag
     t = all_sum(torch.tensor([1.0 if flag else 0.0], device=device))
     return bool(t.item() > 0)
+
+
+def least(value: float) -> float:
+    """The smallest of every rank's `value` (free memory: every rank then makes the same plan)."""
+    if not world().active:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    reduce_in_place(t, "min")
+    return float(t.item())
 
 
 def broadcast(value: T) -> T:
@@ -150,19 +171,6 @@ def on_main(fn: Callable[[], T]) -> T | None:
     if message is not None:
         raise InputError(message)
     return result
-
-
-def barrier() -> None:
-    if world().active:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def share(n: int, w: World | None = None) -> list[int]:
-    """The indices of `n` work items this rank takes (round-robin: rank r takes r, r + size, ...)."""
-    w = w or world()
-    return list(range(w.rank, n, w.size))
 
 
 def spread(items: list[T]) -> Iterator[tuple[T, bool]]:

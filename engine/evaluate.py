@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .arch import Adapter, base_model
-from .distributed import all_sum, spread, whole
+from .distributed import all_sum, spread, whole, world
 from .diagnosis import right_padded_batches
 from .loss import causal_lm_loss
 from .report import HEALTHY, SICK, HeadReport, Thresholds
@@ -277,7 +277,7 @@ def completions(model, tokenizer, prompts: list[str], settings: EvalSettings, se
         torch.manual_seed(seed + i)
         generated = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=settings.temperature,
-            top_p=settings.top_p, top_k=0, max_new_tokens=new,
+            top_p=settings.top_p, top_k=0, max_new_tokens=new, synced_gpus=world().active,  # ranks step together
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
         text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)

@@ -77,7 +77,9 @@ def available(adapter: Adapter, device: torch.device) -> bool:
 
 def _stats_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                    output_attentions=False, **kwargs):
-    if layer_past is not None or output_attentions:
+    # generation, probability requests and masks other than transformers' additive float one take the eager
+    # path, whose probabilities the collector's hook then reads
+    if layer_past is not None or output_attentions or attention_mask is None or not attention_mask.is_floating_point():
         return self._hs_original_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                          use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch, q_len, _ = hidden_states.shape

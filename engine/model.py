@@ -199,6 +199,14 @@ def _hash_files(directory: str, stamp: tuple) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _hash_on_rank_0(directory: str) -> str:
+    """`weights_hash`, read once: in a distributed run rank 0 hashes the files and tells the others (every
+    rank calls this together)."""
+    from .distributed import broadcast, world
+
+    return broadcast(weights_hash(directory) if world().main else None)
+
+
 def model_identity(loaded: LoadedModel) -> dict:
     """What a patch or session records about its base model, to refuse a mismatched one later."""
     a = loaded.adapter
@@ -224,7 +232,8 @@ def check_identity(recorded: dict, loaded: LoadedModel, what: str) -> None:
             f"{what} was made for a {shape[0]}-layer x {shape[1]}-head model ({recorded.get('ref')}), not "
             f"{loaded.name} ({a.n_layer} x {a.n_head}): open the model it was made from ({recorded.get('ref')})"
         )
-    if recorded.get("weights_hash") and loaded.source == "local" and weights_hash(loaded.ref) != recorded["weights_hash"]:
+    if recorded.get("weights_hash") and loaded.source == "local" \
+            and _hash_on_rank_0(loaded.ref) != recorded["weights_hash"]:
         raise ModelLoadError(
             f"{what} was made for other weights than {loaded.ref} (content hash differs): pass the base model it "
             f"was made from ({recorded.get('ref')})"

@@ -376,9 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    from .runtime import quiet_libraries
+    from .runtime import allocator_defaults, quiet_libraries
 
     quiet_libraries()
+    allocator_defaults()
     from .distributed import init_from_env, shutdown
 
     try:

@@ -15,11 +15,10 @@ import torch
 
 from .arch import base_model
 from .checkpointing import MODES as CHECKPOINT_MODES
-from .checkpointing import (CheckpointPlan, apply_checkpointing, disable_checkpointing, enable_checkpointing,  # noqa: F401
-                            free_bytes, plan_checkpointing)
+from .checkpointing import CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
-from .distributed import all_sum, any_rank, spread, world
+from .distributed import all_sum, any_rank, least, spread, world
 from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
@@ -101,8 +100,9 @@ class TrainConfig:
                              f"on {self.prefix_cache_where!r})")
         if self.attention not in ("sdpa", "eager"):
             raise InputError(f"attention must be sdpa or eager (got {self.attention!r})")
-        if self.seq_len < 2:
-            raise InputError(f"seq len must be at least 2 (got {self.seq_len})")
+        if self.seq_len < 2 or self.loss_chunk_tokens < 1:
+            raise InputError(f"seq len must be at least 2 and loss chunks at least 1 token (got {self.seq_len}, "
+                             f"{self.loss_chunk_tokens})")
         if self.gradient_checkpointing is not None:  # a job recorded before `checkpointing`
             self.checkpointing = "full" if self.gradient_checkpointing else "none"
             self.gradient_checkpointing = None
@@ -189,27 +189,41 @@ def step_blocks(config: TrainConfig, n_blocks: int, step: int) -> torch.Tensor:
     return block_order(n_blocks, epoch, config.seed)[start : start + config.blocks_per_step]
 
 
-class _MicroGradients:
+EXACT_SLOTS_BYTES = 1 << 30  # above this, a distributed step sums its gradients in one slot (see MicroGradients)
+
+
+class MicroGradients:
     """A distributed step's gradients, one slot per micro-batch of the step: each rank fills the slots of the
     micro-batches it ran, one all-reduce fills in every slot on every rank, and the slots are then added in the
     micro-batches' order, as autograd accumulates them in one process. So the summed gradient is the
     single-process one to the last bit, not just to rounding (Adam's normalised update turns rounding-level
     differences of near-zero gradients into visible ones). The loss of each micro-batch rides in the same
-    buffer."""
+    buffer. The buffer holds micro-batches x trainable values in fp32; when that passes `EXACT_SLOTS_BYTES`
+    (a hundred heads of bloom-176b), each rank adds its micro-batches into one slot instead and the step's
+    all-reduce is of one slot: the sum is then equal to rounding, not to the bit (`exact` False)."""
 
     def __init__(self, params: list[torch.nn.Parameter], n_micro: int) -> None:
         self.params, self.n_micro = params, n_micro
         self.size = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(n_micro, self.size + 2, dtype=torch.float32, device=params[0].device)
+        self.exact = n_micro * (self.size + 2) * 4 <= EXACT_SLOTS_BYTES
+        slots = n_micro if self.exact else 1
+        self.buffer = torch.zeros(slots, self.size + 2, dtype=torch.float32, device=params[0].device)
+
+    @staticmethod
+    def buffer_bytes(params: list[torch.nn.Parameter], n_micro: int) -> int:
+        """What the buffer takes for these parameters (the checkpointing plan keeps it free)."""
+        size = sum(p.numel() for p in params) + 2
+        return min(n_micro * size * 4, max(EXACT_SLOTS_BYTES, size * 4))
 
     def keep(self, k: int, loss: float) -> None:
-        """Copy the gradients of micro-batch `k` (just computed, nothing accumulated) into its slot."""
+        """Put the gradients of micro-batch `k` (just computed, nothing accumulated) into its slot."""
+        slot = k if self.exact else 0
         offset = 0
         for p in self.params:
             if p.grad is not None:
-                self.buffer[k, offset : offset + p.numel()] = p.grad.reshape(-1).float()
+                self.buffer[slot, offset : offset + p.numel()] += p.grad.reshape(-1).float()
             offset += p.numel()
-        self.buffer[k, -2:] = torch.tensor([loss, 1.0])
+        self.buffer[slot, -2:] += torch.tensor([loss, 1.0], device=self.buffer.device)
 
     def sum_over_ranks(self) -> tuple[float, int]:
         """All-reduce, then each parameter's gradient as the in-order sum of the slots; (loss sum, micro-batches)."""
@@ -218,7 +232,7 @@ class _MicroGradients:
         for p in self.params:
             slots = self.buffer[:, offset : offset + p.numel()].to(p.dtype)
             grad = slots[0].clone()
-            for k in range(1, self.n_micro):
+            for k in range(1, len(slots)):
                 grad += slots[k]
             p.grad = grad.view_as(p)
             offset += p.numel()
@@ -290,9 +304,12 @@ class SurgeryRun:
         c, a = self.config, self.adapter
         vocab = self.model.get_output_embeddings().weight.shape[0]
         reserve = 3 * c.loss_chunk_tokens * vocab * 4 + (self.prefix.budget if self.prefix else 0)
+        if self.world.active:  # the gradient slots of a distributed step
+            reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
         return plan_checkpointing(c.checkpointing, n_layer=a.n_layer, lowest=min(self.plan.layers),
                                   hidden=a.hidden_size, tokens=c.micro_batch * c.seq_len,
-                                  dtype=next(self.model.parameters()).dtype, free=free_bytes(self.device),
+                                  dtype=next(self.model.parameters()).dtype,
+                                  free=int(least(free_bytes(self.device))),  # every rank the same plan
                                   reserve=reserve)
 
     def _teardown(self) -> None:
@@ -316,7 +333,7 @@ class SurgeryRun:
         idx = step_blocks(c, len(self.corpus.train), step)
         micro_batches = [idx[start : start + c.micro_batch] for start in range(0, len(idx), c.micro_batch)]
         total, micro = 0.0, 0
-        slots = _MicroGradients(list(self.slices.parameters()), len(micro_batches)) if self.world.active else None
+        slots = MicroGradients(list(self.slices.parameters()), len(micro_batches)) if self.world.active else None
         with self._fast():  # around backward too: checkpointed layers recompute through the same path
             for (k, blocks), real in spread(list(enumerate(micro_batches))):
                 ids = self.corpus.train[blocks].to(self.device)
@@ -327,7 +344,7 @@ class SurgeryRun:
                     return value, float("nan")
                 # by grad_accum even in an epoch's partial last step, as the paper's scripts do; a rank's filler
                 # micro-batch (engine.distributed.spread) only keeps the ranks' collectives paired
-                (loss * (float(real) / c.grad_accum)).backward()
+                (loss / c.grad_accum if real else loss * 0.0).backward()
                 if real:
                     total, micro = total + value, micro + 1
                     self.blocks_trained += len(blocks)
@@ -351,7 +368,7 @@ class SurgeryRun:
         self.model.eval()
         with self.slices.exported():
             stats, _ = run_statistics(self.model, self.adapter, self.prompt_ids, batch_size=self.diagnosis_batch,
-                                      pad_id=self.pad_id)  # eager: it needs the attention probabilities
+                                      pad_id=self.pad_id)
             with self._fast():
                 heldout = mean_loss(self.model, self.eval_blocks, self.settings.batch_size)
                 tracked = self.tracked.loss(self.model, self.settings.batch_size) if self.tracked else None
@@ -437,7 +454,9 @@ class SurgeryRun:
         if is_best:
             path = self.dir / "best.safetensors"
             save_patch(path, tensors, self._patch_meta(step, ppl))
-            self._best_tensors = tensors  # `finish` reads these: in a distributed run only rank 0 wrote the file
+            # `finish` reads these (in a distributed run only rank 0 wrote the file); copies: on a CPU the
+            # tensors of `head_tensors` are views of the parameters the next steps change
+            self._best_tensors = {name: t.clone() for name, t in tensors.items()}
             self.result.best_step, self.result.best_heldout_ppl, self.result.best_path = step, ppl, str(path)
             self.result.best_score = score
             self.sink.emit(Checkpoint(step, str(path), ppl, True))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .distributed import world
 from .errors import InputError
 from .runner import RUN_FILE, RunSpec
 from .session import SESSION_FILE, Session
@@ -61,6 +62,7 @@ class JobInputs:
     track_blocks: int = 16
     track_texts: str | None = None
     checkpointing: str = "auto"
+    loss_chunk_tokens: int = 1024
     prefix_cache_gb: float = 4.0
     prefix_cache_where: str = "device"
     seed: int = 0
@@ -95,7 +97,8 @@ class JobInputs:
         th = diag.get("thresholds", {})
         second = plans[1] if len(plans) > 1 else {}
         recorded = {k: train[k] for k in ("warmup_max_steps", "keep_partial_step", "select_on", "slice_dtype",
-                                          "track_blocks", "track_texts", "prefix_cache_gb", "prefix_cache_where")
+                                          "track_blocks", "track_texts", "prefix_cache_gb", "prefix_cache_where",
+                                          "loss_chunk_tokens")
                     if k in train}
         if "patience" in train:
             recorded["patience"] = train["patience"] or 0  # recorded None: none, whatever the recipe says
@@ -157,7 +160,8 @@ class JobInputs:
                            eval_blocks=self.eval_blocks, track_blocks=self.track_blocks,
                            track_texts=_absolute(self.track_texts), select_on=self.chosen("select_on"),
                            patience=self.chosen("patience") or None, slice_dtype=self.chosen("slice_dtype"),
-                           checkpointing=self.checkpointing, prefix_cache_gb=self.prefix_cache_gb,
+                           checkpointing=self.checkpointing, loss_chunk_tokens=self.loss_chunk_tokens,
+                           prefix_cache_gb=self.prefix_cache_gb,
                            prefix_cache_where=self.prefix_cache_where, seed=self.seed, recipe=recipe(self.recipe).name)
 
     def corpus_spec(self):
@@ -299,7 +303,6 @@ def create_run(loaded, job, *, out: str | Path | None = None, session_path: str 
                dtype: str | None = None, root: str | Path = RUNS_DIR, nproc: int = 1) -> Launch:
     """A new run directory holding run.json, and a new session (at `session_path`, else RUN_DIR/session.json).
     `nproc` > 1: a detached start runs it over that many processes of this host (torchrun, one GPU each)."""
-    from .distributed import world
     from .model import model_identity
     from .spec import format_heads
 
@@ -334,6 +337,7 @@ def create_run(loaded, job, *, out: str | Path | None = None, session_path: str 
     # in another precision would not give the same patch).
     model = {"ref": identity["ref"], "revision": identity.get("commit") or identity.get("revision"),
              "device": device or loaded.device.type, "dtype": dtype or DTYPE_NAMES.get(str(loaded.dtype), dtype)}
+    nproc = max(nproc, world().size)  # a run started under torchrun resumes over as many processes
     if nproc > 1:
         model["nproc"] = nproc
         session.world = {"world_size": nproc, "backend": "nccl" if model["device"].startswith("cuda") else "gloo"}
@@ -365,7 +369,8 @@ def start(launch: Launch, *, detach: bool, resume: bool = False, loaded=None, ba
     """Run it here (returns the report) or detached (returns None at once; `launch.pid` is the runner)."""
     from . import runner
 
-    (launch.run_dir / runner.CANCEL_FILE).unlink(missing_ok=True)  # a cancel meant for an earlier segment
+    if world().main:  # a cancel meant for an earlier segment (the other ranks of a run leave it to rank 0)
+        (launch.run_dir / runner.CANCEL_FILE).unlink(missing_ok=True)
     if detach:
         launch.pid = runner.spawn(launch.run_dir, resume=resume)
         return None

@@ -125,6 +125,10 @@ def test_the_fused_path_is_taken_for_bloom_on_a_gpu_only(monkeypatch, planted_di
     taken = []
     real = fused_stats.row_statistics
     monkeypatch.setattr(fused_stats, "available", lambda adapter, device: True)
-    monkeypatch.setattr(fused_stats, "row_statistics", lambda scores, mask: taken.append(tuple(scores.shape)) or real(scores, mask))
+    def spy(scores, mask):
+        taken.append(tuple(scores.shape))
+        return real(scores, mask)
+
+    monkeypatch.setattr(fused_stats, "row_statistics", spy)
     run_statistics(loaded.model, loaded.adapter, [[1, 2, 3, 4]], batch_size=1)
     assert taken == [(1, 4, 4, 4)] * loaded.adapter.n_layer  # every layer's scores went through the kernel

@@ -8,7 +8,7 @@ from engine.arch import adapter_for
 from engine.fastpath import fast_kernels
 from engine.loss import causal_lm_loss
 from engine.surgery import SurgeryPlan, operate
-from engine.train import enable_checkpointing
+from engine.checkpointing import enable_checkpointing
 from helpers import tiny_model
 
 

@@ -172,3 +172,17 @@ def test_corpus_errors_are_one_line(planted_dir, tmp_path, capsys):
         assert message in done.stderr and "Traceback" not in done.stderr
     with pytest.raises(InputError, match="not both"):
         TrainConfig(steps=1, epochs=1)
+
+
+def test_the_patch_is_the_kept_checkpoint_when_later_steps_are_worse(planted_dir, corpus_file, tmp_path):
+    """A learning rate that overshoots: held-out perplexity is best at an early point, and the patch (and the
+    model the job leaves) must be that checkpoint, not the last step's slices."""
+    job = _job(corpus_file, steps=6, eval_every=1, lr=3.0, warmup_frac=0.0)
+    loaded, report, _ = _run(planted_dir, corpus_file, tmp_path, job=job)
+    best = report["passes"][0]["best_step"]
+    assert 0 < best < 6, "the test needs a kept checkpoint before the last step"
+    kept, _ = load_patch(tmp_path / "checkpoints" / "pass-1" / "best.safetensors")
+    last, _ = load_patch(tmp_path / "checkpoints" / "pass-1" / "step-6.safetensors")
+    patch, _ = load_patch(tmp_path / PATCH_FILE)
+    assert all(torch.equal(patch[k], kept[k]) for k in kept)
+    assert not all(torch.equal(patch[k], last[k]) for k in last)

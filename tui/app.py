@@ -68,10 +68,14 @@ def _spread(launch: Launch) -> bool:
 
 def dialog_nproc(fields: dict[str, str]) -> int:
     """The dialog's GPUs field: how many processes (one GPU each) the run is spread over."""
-    text = str(fields.get("nproc") or "1")
-    if not text.isdigit() or int(text) < 1:
+    text = str(fields.get("nproc") or "1").strip()
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
         raise InputError(f"GPUs must be a whole number of at least 1 (got {text!r})")
-    return int(text)
+    return value
 
 
 DIALOG_DEFAULTS = {"corpus": JOB_DEFAULTS["corpus"], "steps": DEFAULT_STEPS, "lr": JOB_DEFAULTS["lr"],

@@ -82,7 +82,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class SurgeryScreen(ModalScreen[dict | None]):
-    """The surgery dialog: corpus, steps, learning rate, seq len, seed, recipe, GPUs. Returns the raw fields, or None."""
+    """The surgery dialog: corpus, steps, learning rate, seq len, seed, recipe, GPUs. Returns the raw fields
+    (or None)."""
 
     BINDINGS = [Binding("escape", "cancel", "cancel")]
     FIELDS = (("corpus", "corpus"), ("steps", "steps"), ("lr", "learning rate"), ("seq_len", "seq len"), ("seed", "seed"),
