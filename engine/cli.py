@@ -57,6 +57,10 @@ def cmd_diagnose(args) -> int:
     from .preflight import check_output_file
     from .prompts import load_prompts
 
+    from .distributed import world
+
+    if args.nproc > 1 and not world().active:
+        return _relaunch_under_torchrun(args.nproc)
     console = Console(stderr=False)
     settings = diagnosis_settings(args)
     prompts = load_prompts(args.prompts)
@@ -263,7 +267,7 @@ def _relaunch_under_torchrun(nproc: int) -> int:
         sys.stderr.write("".join(f"{line}\n" for line in lines if not _torchrun_banner(line)))
         return 0
     if ours:
-        print(min(ours, key=lambda line: "(rank" in line), file=sys.stderr)  # rank 0's when it has one
+        print(ours[0], file=sys.stderr)
         return 2
     sys.stderr.write("\n".join(lines[-30:]) + "\n")
     return done.returncode
@@ -322,8 +326,14 @@ def cmd_resume(args) -> int:
     from .runner import run_state
     from .workflow import open_run, start
 
+    from .distributed import world
+    from .runner import RunSpec
+
     console = Console()
     launch = open_run(args.run)
+    nproc = int(RunSpec.load(launch.run_dir).model.get("nproc") or 1)
+    if nproc > 1 and not args.detach and not world().active:  # it goes on over as many processes as it began
+        return _relaunch_under_torchrun(nproc)
     state = run_state(launch.run_dir).state
     if state == "running":
         raise InputError(f"run {launch.run_dir} is running: attach to it, or cancel it first")
@@ -499,6 +509,9 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     add_diagnosis_args(p)
     p.add_argument("--json", help="write the report as JSON to this new file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--nproc", type=_positive, default=1, metavar="N",
+                   help="spread the prompts over N processes of this host, one GPU each (torchrun, FSDP2-sharded "
+                   "model): the same statistics")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("operate", help="re-initialise target heads and retrain only them; writes a patch and report")
@@ -598,7 +611,10 @@ def _positive(text: str) -> int:
     return value
 
 
-DISTRIBUTED_COMMANDS = ("diagnose", "operate", "bench")
+_positive.__name__ = "whole number"  # argparse names the type in its message: "invalid whole number value"
+
+
+DISTRIBUTED_COMMANDS = ("diagnose", "operate", "bench", "resume")
 
 
 def _join_torchrun(args) -> None:
@@ -610,8 +626,8 @@ def _join_torchrun(args) -> None:
     if not launched():
         return
     if args.command not in DISTRIBUTED_COMMANDS:
-        raise InputError(f"{args.command} runs in one process: start it without torchrun (under torchrun: "
-                         f"{', '.join(DISTRIBUTED_COMMANDS)})")
+        raise InputError(f"head-surgeon {args.command} does not run under torchrun: start it without (torchrun "
+                         f"runs {', '.join(DISTRIBUTED_COMMANDS)})")
     w = init_from_env(getattr(args, "device", None))
     if getattr(args, "nproc", None) not in (None, 1, w.size):
         raise InputError(f"--nproc {args.nproc} but torchrun started {w.size} processes: give one of them")
@@ -632,8 +648,8 @@ def dispatch(args) -> int:
         _join_torchrun(args)
         return args.func(args)
     except HeadSurgeonError as exc:
-        rank = os.environ.get("RANK", "0") if launched() else "0"  # under torchrun every rank may say it
-        print(f"head-surgeon: error{'' if rank == '0' else f' (rank {rank})'}: {exc}", file=sys.stderr)
+        if not launched() or os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets it: one says it
+            print(f"head-surgeon: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("head-surgeon: interrupted", file=sys.stderr)

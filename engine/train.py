@@ -170,10 +170,12 @@ class PassResult:
 
 
 def _describe(plan: CheckpointPlan) -> str:
+    chosen = " (chosen by memory)" if plan.asked == "auto" else ""
     if plan.mode != "selective":
-        return f"{plan.mode} ({plan.asked})" if plan.asked == "auto" else plan.mode
+        return plan.mode + chosen
     first, last = plan.checkpointed[0], plan.checkpointed[-1]
-    return f"selective (layers {first}-{last} recompute; {plan.asked})"
+    layers = f"layer {first}" if first == last else f"layers {first}-{last}"
+    return f"selective{chosen}: {layers} recompute, the layers above keep their activations"
 
 
 def block_order(n_blocks: int, epoch: int, seed: int) -> torch.Tensor:

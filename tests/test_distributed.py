@@ -27,13 +27,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
 def torchrun(nproc: int, *args, cwd: Path) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node N -m engine.cli ARGS` on CPU (gloo), as a user starts it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={_free_port()}", "-m", "engine.cli", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_spread_gives_every_rank_as_many_passes_and_each_item_once(monkeypatch):
@@ -61,12 +64,16 @@ OPERATE = ("--device", "cpu", "--targets", "0.3,2.1", "--steps", "3", "--seq-len
 
 
 def test_operate_over_two_processes_gives_the_single_process_patch(planted_dir, corpus, tmp_path, capsys):
+    """`operate --nproc 2` (it starts torchrun itself; `diagnose` below is started by torchrun directly)."""
     one = tmp_path / "one"
     done = run_in_process(capsys, "operate", "--model", planted_dir, "--corpus", corpus, *OPERATE, "--out", one)
     assert done.returncode == 0, done.stderr
     two = tmp_path / "two"
-    done = torchrun(2, "operate", "--model", planted_dir, "--corpus", corpus, *OPERATE, "--out", two, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--model", str(planted_dir), "--corpus",
+                           str(corpus), *OPERATE, "--nproc", "2", "--out", str(two)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("patch and report written to") == 1  # rank 0 alone prints
     for name in ("patch.safetensors", "control.safetensors"):
         a, meta_a = load_patch(one / name)
         b, meta_b = load_patch(two / name)
@@ -84,6 +91,7 @@ def test_operate_over_two_processes_gives_the_single_process_patch(planted_dir, 
     assert np.allclose(r1["diagnosis_before"]["bos_mass"], r2["diagnosis_before"]["bos_mass"], atol=1e-6)
     session = json.loads((two / "session.json").read_text())
     assert session["world"] == {"world_size": 2, "backend": "gloo"}
+    assert json.loads((two / "run.json").read_text())["model"]["nproc"] == 2  # resume goes over 2 processes too
     events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in events].count("started") == 1  # one writer: rank 0
     assert [e["seq"] for e in events] == list(range(len(events)))
@@ -105,32 +113,19 @@ def test_diagnose_over_two_processes_matches_one(planted_dir, tmp_path, capsys):
     assert done.stdout.count("report written to") == 1  # rank 0 alone prints
 
 
-def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
-    done = torchrun(2, "runs", tmp_path, cwd=tmp_path)
-    assert done.returncode != 0 and "runs in one process: start it without torchrun" in done.stderr
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch):
+    from engine.cli import _join_torchrun, build_parser
+    from engine.errors import InputError
 
-
-def test_operate_nproc_starts_torchrun_itself(planted_dir, corpus, tmp_path):
-    """`operate --nproc 2` without torchrun: the command starts itself again under torchrun."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "operate", "--model", str(planted_dir), "--corpus",
-                           str(corpus), "--device", "cpu", "--targets", "0.3", "--steps", "1", "--seq-len", "32",
-                           "--grad-accum", "2", "--eval-blocks", "2", "--track-blocks", "0", "--completions", "0",
-                           "--nproc", "2", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert report["world_size"] == 2 and report["passes"][0]["blocks_per_rank"] == [1, 1]
-    assert json.loads((out / "run.json").read_text())["model"]["nproc"] == 2  # resume goes over 2 processes too
-    assert done.stdout.count("patch and report written to") == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the refusal comes before joining any group
+    with pytest.raises(InputError, match="head-surgeon runs does not run under torchrun: start it without"):
+        _join_torchrun(build_parser().parse_args(["runs"]))
 
 
 def test_bench_nproc_spreads_diagnosis_and_surgery_and_reports_each_rank(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--tiny", "--nproc", "2", "--device", "cpu",
-                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           "--json", str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert (result["world_size"], result["backend"], result["grad_accum"]) == (2, "gloo", 2)

@@ -331,3 +331,4 @@ async def test_a_bad_gpu_count_in_the_dialog_is_a_notification(planted_dir, work
         await pilot.pause()
         assert app.attached is None
         assert any("GPUs must be a whole number" in n.message for n in app._notifications)
+        assert app.surgery_defaults["nproc"] == "two"  # the dialog opens again as typed, to be corrected

@@ -647,6 +647,7 @@ class HeadSurgeonApp(App[int]):
         if not fields:
             return
         data = self.grid.data
+        self.surgery_defaults = {**fields}  # a mistake is fixed in the dialog as typed, not retyped
         try:
             inputs = dialog_job_inputs(fields, data.targets, data.frozen, self.prompts_path, self.base_inputs)
             nproc = dialog_nproc(fields)
@@ -655,7 +656,6 @@ class HeadSurgeonApp(App[int]):
         except HeadSurgeonError as exc:
             self.notify(str(exc), title="surgery", severity="error", timeout=10)
             return
-        self.surgery_defaults = {**fields}
         self._start_run(job, {"targets": format_heads(data.targets), "frozen": format_heads(data.frozen)}, nproc=nproc)
 
     def action_resume_run(self) -> None:
