@@ -138,6 +138,24 @@ def run_distributed_bench(shape_name: str, device: torch.device, *, batch: int =
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
 
 
+SCALING_GOAL = {2: 1.8}  # issue 19: bloom-7b1 surgery on 2 GPUs at least 1.8x one GPU
+
+
+def scaling(result: dict, baseline: dict) -> dict:
+    """This run's tokens/s over a run of the same shape and batch on fewer processes (`--baseline FILE`)."""
+    from .errors import InputError
+
+    same = ("shape", "batch", "seq_len", "grad_accum", "dtype")
+    if any(result[k] != baseline.get(k) for k in same) or baseline.get("world_size", 0) >= result["world_size"]:
+        raise InputError(f"the baseline must be a bench --nproc run of the same {', '.join(same)} on fewer "
+                         f"processes (it has {[baseline.get(k) for k in (*same, 'world_size')]})")
+    out = {"baseline_world_size": baseline["world_size"]}
+    for case in ("diagnosis", "surgery"):
+        out[case] = round(result[case]["tokens_per_s"] / baseline[case]["tokens_per_s"], 3)
+    out["goal"] = SCALING_GOAL.get(result["world_size"]) if baseline["world_size"] == 1 else None
+    return out
+
+
 def print_distributed_bench(result: dict, console) -> None:
     r, d, s = result, result["diagnosis"], result["surgery"]
     console.print(f"{r['shape']} shape over {r['world_size']} process(es) ({r['backend'] or 'one process'}, "
@@ -149,3 +167,8 @@ def print_distributed_bench(result: dict, console) -> None:
                   f"micro-batch 1 x {r['grad_accum']}) {s['tokens_per_s']:,.0f} tok/s, "
                   f"{s['seconds_per_step']} s a step; "
                   f"peak GiB per rank {s['peak_gib_per_rank'] or '—'}")
+    if "scaling" in r:
+        sc = r["scaling"]
+        verdict = "" if sc["goal"] is None else f" (goal {sc['goal']:g}x: {'met' if sc['surgery'] >= sc['goal'] else 'missed'})"
+        console.print(f"  against {sc['baseline_world_size']} process(es): surgery {sc['surgery']}x{verdict}, "
+                      f"diagnosis {sc['diagnosis']}x")

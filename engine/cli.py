@@ -475,20 +475,32 @@ def _bench_distributed(args, console, shape: str, batch: int, seq_len: int) -> i
     import json
 
     from .atomic import atomic_write_text
-    from .bench_distributed import print_distributed_bench, run_distributed_bench
+    from .bench_distributed import print_distributed_bench, run_distributed_bench, scaling
     from .distributed import rank_device, world
     from .runtime import resolve_device
 
     if (args.nproc or 1) > 1 and not world().active:
         return _relaunch_under_torchrun(args.nproc)
+    baseline = _read_json(args.baseline, "--baseline") if args.baseline else None
     result = run_distributed_bench(shape, resolve_device(rank_device(args.device)), batch=batch, seq_len=seq_len,
                                    steps=2 if args.tiny else min(args.steps, 5), warmup=1,
                                    diag_batches=2 if args.tiny else 4)
+    if baseline is not None:
+        result["scaling"] = scaling(result, baseline)
     print_distributed_bench(result, console)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
         console.print(f"results written to {args.json}")
     return 0
+
+
+def _read_json(path: str, what: str) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} {path} cannot be read as JSON ({exc}): pass a file bench --json wrote") from None
 
 
 def build_parser(*extra_commands) -> argparse.ArgumentParser:
@@ -591,6 +603,8 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=_positive, metavar="N",
                    help="diagnosis and surgery spread over N processes, one GPU each (torchrun, FSDP2), as operate "
                    "runs them: global tokens/s and each GPU's peak memory; 1 gives the one-GPU baseline")
+    p.add_argument("--baseline", metavar="JSON", help="with --nproc: a bench --nproc --json of the same shape on fewer "
+                   "processes; prints the scaling (goal for bloom-7b1 on 2 GPUs: 1.8x one)")
     p.add_argument("--tiny", action="store_true", help="a tiny shape that runs in seconds on CPU (smoke test)")
     p.add_argument("--device")
     p.add_argument("--batch", type=int, default=8)

@@ -122,12 +122,30 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch):
         _join_torchrun(build_parser().parse_args(["runs"]))
 
 
-def test_bench_nproc_spreads_diagnosis_and_surgery_and_reports_each_rank(tmp_path):
+def test_bench_nproc_runs_the_spread_loop_and_reports_each_rank(tmp_path, capsys):
+    """`bench --nproc 1`: the loop `--nproc N` runs on every rank (the one-GPU baseline), in this process; the
+    multi-rank pieces it shares with operate (the gradient slots, spread, the sharded random model) are tested
+    over two processes above and in test_sharded_load."""
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--tiny", "--nproc", "2", "--device", "cpu",
-                           "--json", str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_in_process(capsys, "bench", "--tiny", "--nproc", "1", "--device", "cpu", "--json", out)
+    assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    assert (result["world_size"], result["backend"], result["grad_accum"]) == (2, "gloo", 2)
+    assert (result["world_size"], result["backend"], result["grad_accum"]) == (1, None, 2)
     assert result["diagnosis"]["tokens_per_s"] > 0 and result["surgery"]["tokens_per_s"] > 0
-    assert done.stdout.count("tiny shape over 2 process(es)") == 1
+    assert "tiny shape over 1 process(es)" in done.stdout
+    done = run_in_process(capsys, "bench", "--shape", "bloom-176b", "--nproc", "1")
+    assert done.returncode == 2 and "does not fit one GPU: give --nproc N" in done.stderr
+
+
+def test_scaling_against_a_one_process_baseline_and_its_refusals():
+    from engine.bench_distributed import scaling
+    from engine.errors import InputError
+
+    base = {"shape": "bloom-7b1", "batch": 8, "seq_len": 512, "grad_accum": 8, "dtype": "bfloat16", "world_size": 1,
+            "diagnosis": {"tokens_per_s": 100.0}, "surgery": {"tokens_per_s": 50.0}}
+    two = {**base, "world_size": 2, "diagnosis": {"tokens_per_s": 190.0}, "surgery": {"tokens_per_s": 85.0}}
+    assert scaling(two, base) == {"baseline_world_size": 1, "diagnosis": 1.9, "surgery": 1.7, "goal": 1.8}
+    with pytest.raises(InputError, match="the baseline must be a bench --nproc run of the same"):
+        scaling(two, {**base, "seq_len": 1024})
+    with pytest.raises(InputError, match="on fewer processes"):
+        scaling(base, two)

@@ -51,6 +51,13 @@ async def _operate(app, pilot, fields: dict[str, str]) -> None:
     await pilot.pause()
 
 
+async def _sick_marked_dialog(app, pilot) -> None:
+    """The workbench loaded, every sick head marked (a) and the surgery dialog open (o)."""
+    await wait_idle(app, pilot)
+    await pilot.press("a", "o")
+    await pilot.pause()
+
+
 def _patch(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_patch(run_dir / PATCH_FILE)[0]
 
@@ -204,9 +211,7 @@ async def test_a_dead_run_shows_dead_and_r_resumes_it(planted_dir, workdir):
 async def test_quit_leaves_a_detached_run_going_a_new_workbench_attaches_and_cancels_it(planted_dir, workdir):
     app = HeadSurgeonApp(model_ref=str(planted_dir))  # detached runs, as a user gets them
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await wait_idle(app, pilot)
-        await pilot.press("a", "o")
-        await pilot.pause()
+        await _sick_marked_dialog(app, pilot)
         app.screen.query_one("#field-corpus").value = str(workdir / "corpus.txt")
         app.screen.query_one("#field-steps").value = "5000"
         app.screen.query_one("#field-seq_len").value = "32"
@@ -278,9 +283,7 @@ async def test_attaching_with_other_weights_is_refused(planted_dir, tiny_dir, wo
 async def test_a_sham_control_from_the_dialog_draws_its_curve_and_the_verdict(planted_dir, workdir):
     app = HeadSurgeonApp(model_ref=str(planted_dir), detach=False, prompts_path=str(workdir / "prompts.txt"))
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await wait_idle(app, pilot)
-        await pilot.press("a", "o")
-        await pilot.pause()
+        await _sick_marked_dialog(app, pilot)
         app.screen.query_one("#field-control").value = True
         await _operate(app, pilot, {"corpus": str(workdir / "corpus.txt"), "steps": "2", "lr": "0.01", "seq_len": "32"})
         assert app.run_state == "finished" and app.verdict is not None
@@ -298,9 +301,7 @@ async def test_a_run_over_two_gpus_from_the_dialog_starts_torchrun_detached_and_
     writes the events, and the workbench follows them like any other run's."""
     app = HeadSurgeonApp(model_ref=str(planted_dir), detach=False, prompts_path=str(workdir / "prompts.txt"))
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await wait_idle(app, pilot)
-        await pilot.press("a", "o")
-        await pilot.pause()
+        await _sick_marked_dialog(app, pilot)
         for name, value in {"corpus": str(workdir / "corpus.txt"), **FIELDS, "nproc": "2"}.items():
             app.screen.query_one(f"#field-{name}").value = value
         await pilot.press("enter")
@@ -323,9 +324,7 @@ async def test_a_run_over_two_gpus_from_the_dialog_starts_torchrun_detached_and_
 async def test_a_bad_gpu_count_in_the_dialog_is_a_notification(planted_dir, workdir):
     app = HeadSurgeonApp(model_ref=str(planted_dir), detach=False, prompts_path=str(workdir / "prompts.txt"))
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await wait_idle(app, pilot)
-        await pilot.press("a", "o")
-        await pilot.pause()
+        await _sick_marked_dialog(app, pilot)
         app.screen.query_one("#field-nproc").value = "two"
         await pilot.press("enter")
         await pilot.pause()
