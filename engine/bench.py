@@ -302,6 +302,7 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "dtype": str(dtype).replace("torch.", ""),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "cuda_alloc_conf": __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "surgery": surgery,
         "speedup": {w: ratio(surgery["ours"][w], surgery["reference"][w], "tokens_per_s") for w in placements},
         "speedup_from_sdpa": {w: ratio(surgery["ours"][w], surgery["ours_eager"][w], "tokens_per_s") for w in placements},

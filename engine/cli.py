@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def cmd_diagnose(args) -> int:
     from .distributed import world
 
     if args.nproc > 1 and not world().active:
-        return _relaunch_under_torchrun(args.nproc)
+        return _relaunch_under_torchrun(args.nproc, args.argv)
     console = Console(stderr=False)
     settings = diagnosis_settings(args)
     prompts = load_prompts(args.prompts)
@@ -210,7 +211,7 @@ def cmd_operate(args) -> int:
     from .workflow import JobInputs, Launch, create_run
 
     if args.nproc > 1 and not args.detach and not world().active:
-        return _relaunch_under_torchrun(args.nproc)
+        return _relaunch_under_torchrun(args.nproc, args.argv)
     console = Console()
     inputs = JobInputs.from_namespace(args)
     inputs.check()
@@ -244,38 +245,57 @@ def cmd_operate(args) -> int:
     return 0
 
 
-def _relaunch_under_torchrun(nproc: int) -> int:
-    """`operate --nproc N` (or `bench`) in the foreground: this same command again under torchrun, one
-    process per GPU. --nproc is left out of the relaunched command: torchrun's own parser would take it for
-    an abbreviation of its --nproc-per-node, and each process knows the world it is in. Output streams as
-    it comes; of a failure, our own error line is shown (rank 0's first) rather than torchrun's traceback."""
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """`operate --nproc N` (or diagnose, resume, bench) in the foreground: this same command again under
+    torchrun, one process per GPU. --nproc is left out of the relaunched command: torchrun's own parser
+    would take it for an abbreviation of its --nproc-per-node, and each process knows the world it is in.
+    Output streams as it comes, less torchrun's own log lines and its closing traceback; of a failure the
+    first error line of ours is shown (rank 0's when it has one). Ctrl-C reaches torchrun, which passes it on
+    to the ranks: they stop together at the next step, as one process does; this process only waits."""
+    import signal
     import subprocess
 
     from .runner import torchrun_command
 
-    argv, rest = [], iter(sys.argv[1:])
+    keep, rest = [], iter(argv)
     for arg in rest:
         if arg == "--nproc":
             next(rest, None)
         elif not arg.startswith("--nproc="):
-            argv.append(arg)
+            keep.append(arg)
     sys.stdout.flush()
-    done = subprocess.run([*torchrun_command(nproc), "-m", "engine.cli", *argv], stderr=subprocess.PIPE, text=True)
-    lines = done.stderr.splitlines()
-    ours = [line for line in lines if line.startswith("head-surgeon: error")]
-    if done.returncode == 0:
-        sys.stderr.write("".join(f"{line}\n" for line in lines if not _torchrun_banner(line)))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C goes to torchrun too
+    try:
+        proc = subprocess.Popen([*torchrun_command(nproc), "-m", "engine.cli", *keep], stderr=subprocess.PIPE,
+                                text=True)
+        errors, codes, closing = [], [], False
+        for line in proc.stderr:
+            # torchrun's own closing traceback (a rank's have a `[rankN]:` prefix): dropped, with what follows
+            closing = closing or line.startswith("Traceback")
+            if line.startswith("head-surgeon: error"):
+                errors.append(line.rstrip("\n"))
+            elif "exitcode" in line and ":" in line:
+                codes += re.findall(r"exitcode\s*:\s*(-?\d+)", line)
+            elif not (closing or _torchrun_line(line)):
+                sys.stderr.write(line)
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code == 0:
         return 0
-    if ours:
-        print(ours[0], file=sys.stderr)
+    if errors:
+        print(min(errors, key=lambda line: "(rank" in line), file=sys.stderr)
         return 2
-    sys.stderr.write("\n".join(lines[-30:]) + "\n")
-    return done.returncode
+    if codes and all(c == "130" for c in codes):
+        return 130  # stopped by Ctrl-C or cancel, at a step boundary: the run says how to resume it
+    return code
 
 
-def _torchrun_banner(line: str) -> bool:
-    """torchrun's start-up notice about OMP_NUM_THREADS (its lines begin with a log prefix or asterisks)."""
-    return "OMP_NUM_THREADS" in line or line.strip("* ") == "" or "distributed/run.py" in line
+def _torchrun_line(line: str) -> bool:
+    """torchrun's own log lines (`W1201 12:00:00.000 123 .../torch/distributed/...`), its OMP_NUM_THREADS
+    notice and the banners around them."""
+    return bool(re.match(r"^[WEI]\d{4} ", line)) or "OMP_NUM_THREADS" in line or line.strip("*= \n") == "" \
+        or line.startswith(("[", "  ")) and "elastic" in line
 
 
 def _session_model(session, args):
@@ -326,19 +346,23 @@ def cmd_resume(args) -> int:
     from .runner import run_state
     from .workflow import open_run, start
 
-    from .distributed import world
+    from .distributed import broadcast, world
     from .runner import RunSpec
 
     console = Console()
+    if world().active and args.detach:
+        raise InputError("under torchrun a resume stays in the foreground: drop --detach (head-surgeon resume RUN "
+                         "--detach, without torchrun, continues it over as many processes as it began with)")
     launch = open_run(args.run)
+    # rank 0's reading: a rank that looked after rank 0 took the run's lock would see it running
+    state = broadcast(run_state(launch.run_dir).state if world().main else None)
     nproc = int(RunSpec.load(launch.run_dir).model.get("nproc") or 1)
-    if nproc > 1 and not args.detach and not world().active:  # it goes on over as many processes as it began
-        return _relaunch_under_torchrun(nproc)
-    state = run_state(launch.run_dir).state
     if state == "running":
         raise InputError(f"run {launch.run_dir} is running: attach to it, or cancel it first")
     if state == "finished":
         raise InputError(f"run {launch.run_dir} already finished: use replay to run it again")
+    if nproc > 1 and not args.detach and not world().active:  # it goes on over as many processes as it began
+        return _relaunch_under_torchrun(nproc, args.argv)
     if args.detach:
         start(launch, detach=True, resume=True)
         console.print(f"run {launch.run_dir} resumed in the background (pid {launch.pid})")
@@ -461,6 +485,8 @@ def cmd_bench(args) -> int:
         raise InputError("the bloom-176b shape does not fit one GPU: give --nproc N (8 H200s hold it)")
     if args.nproc is not None or world().active:
         return _bench_distributed(args, console, shape, batch, seq_len)
+    if args.baseline:
+        raise InputError("--baseline compares runs over several processes: give --nproc N as well")
     with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
         result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
                            warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6)
@@ -480,7 +506,7 @@ def _bench_distributed(args, console, shape: str, batch: int, seq_len: int) -> i
     from .runtime import resolve_device
 
     if (args.nproc or 1) > 1 and not world().active:
-        return _relaunch_under_torchrun(args.nproc)
+        return _relaunch_under_torchrun(args.nproc, args.argv)
     baseline = _read_json(args.baseline, "--baseline") if args.baseline else None
     result = run_distributed_bench(shape, resolve_device(rank_device(args.device)), batch=batch, seq_len=seq_len,
                                    steps=2 if args.tiny else min(args.steps, 5), warmup=1,
@@ -661,9 +687,11 @@ def dispatch(args) -> int:
     try:
         _join_torchrun(args)
         return args.func(args)
-    except HeadSurgeonError as exc:
-        if not launched() or os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets it: one says it
-            print(f"head-surgeon: error: {exc}", file=sys.stderr)
+    except HeadSurgeonError as exc:  # under torchrun each rank says its own (a relaunch shows rank 0's)
+        rank = os.environ.get("RANK", "0") if launched() else "0"
+        # one write: the ranks share the terminal, and a line written in two pieces interleaves with another's
+        sys.stderr.write(f"head-surgeon: error{'' if rank == '0' else f' (rank {rank})'}: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("head-surgeon: interrupted", file=sys.stderr)
@@ -681,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     """The headless commands alone (`python -m engine.cli`); `head-surgeon` adds the workbench on top."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch under torchrun repeats
     if args.command is None:
         parser.error("give a command (the workbench opens with `head-surgeon`)")
     return dispatch(args)

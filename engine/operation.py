@@ -21,7 +21,7 @@ import torch
 from .atomic import atomic_write_text
 from .corpus import CorpusSpec, PackedCorpus, load_corpus
 from .diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
-from .distributed import any_rank, world
+from .distributed import any_rank, broadcast, world
 from .errors import InputError
 from .evaluate import (EvalSettings, ablation_deltas, completions, drift, iatrogenic, mean_loss,
                        mlp_activation_dormancy, mlp_weight_dormancy, perplexity, prompt_loss, recovery)
@@ -170,7 +170,7 @@ class _Job:
         self.loaded, self.job, self.out, self.sink, self.cancelled, self.resume = loaded, job, out, sink, cancelled, resume
         self.prompts = load_prompts(job.diagnosis.prompts)
         self.prompt_ids = tokenize_prompts(loaded.tokenizer, self.prompts, job.diagnosis.max_len)
-        self.identity = model_identity(loaded)
+        self.identity = broadcast(model_identity(loaded) if world().main else None)  # rank 0 hashes the weights
         self.meta = {"base_model": self.identity, "job": job.to_dict()}
         self.corpus: PackedCorpus | None = None
         self.tracked: TrackedSet | None = None

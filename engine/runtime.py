@@ -32,7 +32,8 @@ def allocator_defaults() -> None:
     reserved for 15.2 GiB in use). Must run before CUDA is first used."""
     import os
 
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def resolve_device(device: str | None = None) -> torch.device:

@@ -151,6 +151,7 @@ class PassResult:
     prefix_cache: dict[str, Any] | None = None  # what the frozen-prefix cache kept and served (engine.prefix_cache)
     blocks_per_rank: list[int] | None = None  # in a distributed run: the training blocks each rank processed
     checkpointing: dict[str, Any] | None = None  # the activation checkpointing it ran with (engine.checkpointing)
+    gradient_sum: str | None = None  # distributed: "exact" (the one-process sum to the bit) or "rounded" (MicroGradients)
 
     def to_dict(self) -> dict[str, Any]:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
@@ -160,7 +161,8 @@ class PassResult:
                 "steps_done": self.steps_done, "cancelled": self.cancelled, "stopped_early": self.stopped_early,
                 "tokens_per_s": self.tokens_per_s, "train_seconds": self.train_seconds,
                 "class_counts": self.class_counts(), "prefix_cache": self.prefix_cache,
-                "blocks_per_rank": self.blocks_per_rank, "checkpointing": self.checkpointing}
+                "blocks_per_rank": self.blocks_per_rank, "checkpointing": self.checkpointing,
+                "gradient_sum": self.gradient_sum}
 
     def class_counts(self) -> dict[str, dict[str, int]] | None:
         """Class counts of the model this pass leaves (its kept checkpoint's point; the last point if none)."""
@@ -191,7 +193,7 @@ def step_blocks(config: TrainConfig, n_blocks: int, step: int) -> torch.Tensor:
     return block_order(n_blocks, epoch, config.seed)[start : start + config.blocks_per_step]
 
 
-EXACT_SLOTS_BYTES = 1 << 30  # above this, a distributed step sums its gradients in one slot (see MicroGradients)
+EXACT_SLOTS_BYTES = 4 << 30  # above this, a distributed step sums its gradients in one slot (see MicroGradients)
 
 
 class MicroGradients:
@@ -201,8 +203,9 @@ class MicroGradients:
     single-process one to the last bit, not just to rounding (Adam's normalised update turns rounding-level
     differences of near-zero gradients into visible ones). The loss of each micro-batch rides in the same
     buffer. The buffer holds micro-batches x trainable values in fp32; when that passes `EXACT_SLOTS_BYTES`
-    (a hundred heads of bloom-176b), each rank adds its micro-batches into one slot instead and the step's
-    all-reduce is of one slot: the sum is then equal to rounding, not to the bit (`exact` False)."""
+    (4 GiB: at accumulation 8, 18 heads of bloom-176b or 64 of bloom-7b1), each rank adds its micro-batches
+    into one slot instead and the step's all-reduce is of one slot: the sum is then equal to rounding, not to
+    the bit (`exact` False, recorded as the pass's `gradient_sum`)."""
 
     def __init__(self, params: list[torch.nn.Parameter], n_micro: int) -> None:
         self.params, self.n_micro = params, n_micro
@@ -215,7 +218,7 @@ class MicroGradients:
     def buffer_bytes(params: list[torch.nn.Parameter], n_micro: int) -> int:
         """What the buffer takes for these parameters (the checkpointing plan keeps it free)."""
         size = sum(p.numel() for p in params) + 2
-        return min(n_micro * size * 4, max(EXACT_SLOTS_BYTES, size * 4))
+        return n_micro * size * 4 if n_micro * size * 4 <= EXACT_SLOTS_BYTES else size * 4
 
     def keep(self, k: int, loss: float) -> None:
         """Put the gradients of micro-batch `k` (just computed, nothing accumulated) into its slot."""
@@ -355,6 +358,7 @@ class SurgeryRun:
                 if slots is not None:
                     self.optimizer.zero_grad(set_to_none=True)
         if slots is not None:
+            self.result.gradient_sum = "exact" if slots.exact else "rounded"
             total, micro = slots.sum_over_ranks()
             if not math.isfinite(total):
                 return total, float("nan")

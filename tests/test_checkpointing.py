@@ -82,3 +82,18 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
     assert ran["auto"] == {**ran["auto"], "mode": "selective", "asked": "auto", "checkpointed": [0, 1]}
     for mode in ("auto", "none"):
         assert all(torch.equal(patches["full"][k], patches[mode][k]) for k in patches["full"]), mode
+
+
+def test_loss_chunk_tokens_reaches_the_training_and_is_recorded():
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["operate", "--targets", "0.1", "--loss-chunk-tokens", "256"])
+    inputs = JobInputs.from_namespace(args)
+    config = inputs.train_config()
+    assert config.loss_chunk_tokens == 256
+    job = {"plans": [{"targets": "0.1"}], "train": {"loss_chunk_tokens": 256}}
+    assert JobInputs.from_job(job).train_config().loss_chunk_tokens == 256
+    with pytest.raises(InputError, match="loss chunks at least 1 token"):
+        TrainConfig(loss_chunk_tokens=0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["operate", "--targets", "0.1", "--checkpointing", "full", "--no-checkpointing"])

@@ -132,3 +132,22 @@ def test_the_fused_path_is_taken_for_bloom_on_a_gpu_only(monkeypatch, planted_di
     monkeypatch.setattr(fused_stats, "row_statistics", spy)
     run_statistics(loaded.model, loaded.adapter, [[1, 2, 3, 4]], batch_size=1)
     assert taken == [(1, 4, 4, 4)] * loaded.adapter.n_layer  # every layer's scores went through the kernel
+
+
+def test_the_fused_path_leaves_a_boolean_mask_to_the_eager_probabilities(planted_dir):
+    """transformers passes BLOOM an additive float mask; any other mask goes through the eager forward, whose
+    probabilities the collector's hook reads: the statistics are measured either way."""
+    from engine import fused_stats
+    from engine.model import load_model
+
+    loaded = load_model(str(planted_dir), device="cpu")
+    attention = loaded.adapter.attention(loaded.model, 0)
+    seen = []
+    with fused_stats.statistics_attention(loaded.model, loaded.adapter, lambda layer, stats: seen.append(layer)):
+        hidden = torch.randn(1, 4, loaded.adapter.hidden_size)
+        alibi = torch.zeros(loaded.adapter.n_head, 1, 4)
+        float_mask = torch.zeros(1, 1, 4, 4)
+        out, probs = attention(hidden, hidden, alibi, float_mask)
+        assert probs is None and seen == [0]  # the fused path: statistics handed over, no probabilities
+        out, probs = attention(hidden, hidden, alibi, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+        assert probs is not None and probs.shape == (1, loaded.adapter.n_head, 4, 4) and seen == [0]

@@ -149,3 +149,29 @@ def test_scaling_against_a_one_process_baseline_and_its_refusals():
         scaling(two, {**base, "seq_len": 1024})
     with pytest.raises(InputError, match="on fewer processes"):
         scaling(base, two)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_gradient_slots_add_up_as_autograd_accumulates(monkeypatch, exact):
+    """MicroGradients in one process: with a slot per micro-batch the sum is autograd's to the bit; above the
+    size limit one slot holds the running sum (equal to rounding)."""
+    from engine import train
+
+    if not exact:
+        monkeypatch.setattr(train, "EXACT_SLOTS_BYTES", 0)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    xs = [torch.randn(4, 5) for _ in range(3)]
+    for x in xs:  # one process: autograd accumulates
+        (x @ w).square().mean().div(3).backward()
+    expected, w.grad = w.grad.clone(), None
+    slots = train.MicroGradients([w], 3)
+    assert slots.exact is exact
+    for k, x in enumerate(xs):
+        loss = (x @ w).square().mean()
+        (loss / 3).backward()
+        slots.keep(k, float(loss))
+        w.grad = None
+    total, micro = slots.sum_over_ranks()
+    assert micro == 3 and total == pytest.approx(sum(float((x @ w).square().mean()) for x in xs), rel=1e-6)
+    assert torch.equal(w.grad, expected) if exact else torch.allclose(w.grad, expected, atol=1e-6)

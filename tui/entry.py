@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser(add_organism, _add_attach)
     parser.set_defaults(func=_workbench)
-    return dispatch(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch under torchrun repeats
+    return dispatch(args)
 
 
 if __name__ == "__main__":
