@@ -684,9 +684,11 @@ def dispatch(args) -> int:
 
     quiet_libraries()
     allocator_defaults()
+    code = 1
     try:
         _join_torchrun(args)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except HeadSurgeonError as exc:  # under torchrun each rank says its own (a relaunch shows rank 0's)
         rank = os.environ.get("RANK", "0") if launched() else "0"
         # one write: the ranks share the terminal, and a line written in two pieces interleaves with another's
@@ -702,7 +704,7 @@ def dispatch(args) -> int:
         print("head-surgeon: error: out of memory: use a smaller --batch-size or --max-len, or a smaller model", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        shutdown(together=code in (0, 130))  # a clean end or a cancel: every rank got here together
 
 
 def main(argv: list[str] | None = None) -> int:

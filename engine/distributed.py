@@ -94,10 +94,16 @@ def rank_device(device: str | None) -> str | None:
     return f"cuda:{w.local_rank}"
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. `together` (a clean end, every rank here): wait for the others first, since
+    a rank that tears its group down while another still talks to it can abort (gloo: "terminate called
+    without an active exception"). After an error a rank leaves at once: the others may be in another
+    collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -382,14 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     allocator_defaults()
     from .distributed import init_from_env, shutdown
 
+    ended = False
     try:
         init_from_env(RunSpec.load(run_dir).model.get("device"))
         execute(run_dir, resume=resume, cancelled=stop.is_set, lock=lock)
+        ended = True  # finished or cancelled: every rank got here together
     except HeadSurgeonError as exc:
         print(f"runner: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        shutdown(together=ended)
     return 0
 
 

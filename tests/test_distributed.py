@@ -170,7 +170,7 @@ def test_gradient_slots_add_up_as_autograd_accumulates(monkeypatch, exact):
     for k, x in enumerate(xs):
         loss = (x @ w).square().mean()
         (loss / 3).backward()
-        slots.keep(k, float(loss))
+        slots.keep(k, float(loss.detach()))
         w.grad = None
     total, micro = slots.sum_over_ranks()
     assert micro == 3 and total == pytest.approx(sum(float((x @ w).square().mean()) for x in xs), rel=1e-6)
