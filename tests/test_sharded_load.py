@@ -58,9 +58,30 @@ def _save_families(tmp_path: Path) -> None:
             (flat / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def test_sharded_load_equals_from_pretrained(tmp_path):
+def test_sharded_load_stays_near_one_shard_and_equals_from_pretrained(tmp_path):
+    """One torchrun launch (each costs seconds of start-up): the memory check first, in processes that have
+    loaded nothing yet, then the equality of every family's load."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from helpers import tiny_tokenizer
+
+    # ~200 MB of fp32 weights, 99.8% of them in the 16 blocks (vocab is the tiny tokenizer's 320): each rank
+    # grows by its half of the blocks (~97 MiB) plus, transiently, the pages it touched of the file it is
+    # reading (safetensors maps the file; they count in RSS until it is closed). With 30 MB files that was up
+    # to +28 MiB (ratio 0.65 on rank 0); 10 MB files keep it at ~+8 MiB (ratios 0.53-0.55, steady over runs),
+    # so the 0.75 bound has ~40 MiB of room, and a load that holds the whole model (>= 1.0) fails it.
+    tok = tiny_tokenizer()
+    cfg = BloomConfig(vocab_size=len(tok), hidden_size=512, n_layer=16, n_head=8)
+    torch.manual_seed(0)
+    BloomForCausalLM(cfg).save_pretrained(tmp_path / "big", max_shard_size="10MB")
+    assert len(list((tmp_path / "big").glob("*.safetensors"))) >= 10
     _save_families(tmp_path)
-    results = _launch(tmp_path, "equality")
+    both = _launch(tmp_path, "both", str(tmp_path / "big"))
+    _check_memory([r["memory"] for r in both])
+    _check_equality([r["equality"] for r in both])
+
+
+def _check_equality(results: list[dict]) -> None:
     for rank, result in enumerate(results):
         assert result["world"] == [rank, RANKS]
         for name in [*FAMILIES, "bloom_flat"]:
@@ -77,22 +98,7 @@ def test_sharded_load_equals_from_pretrained(tmp_path):
     assert sum(results[r]["bloom_odd"]["local_numel"] for r in range(RANKS)) == results[0]["bloom_odd"]["sharded_numel"]
 
 
-def test_sharded_load_memory_stays_near_one_shard(tmp_path):
-    from transformers import BloomConfig, BloomForCausalLM
-
-    from helpers import tiny_tokenizer
-
-    # ~200 MB of fp32 weights, 99.8% of them in the 16 blocks (vocab is the tiny tokenizer's 320): each rank
-    # grows by its half of the blocks (~97 MiB) plus, transiently, the pages it touched of the file it is
-    # reading (safetensors maps the file; they count in RSS until it is closed). With 30 MB files that was up
-    # to +28 MiB (ratio 0.65 on rank 0); 10 MB files keep it at ~+8 MiB (ratios 0.53-0.55, steady over runs),
-    # so the 0.75 bound has ~40 MiB of room, and a load that holds the whole model (>= 1.0) fails it.
-    tok = tiny_tokenizer()
-    cfg = BloomConfig(vocab_size=len(tok), hidden_size=512, n_layer=16, n_head=8)
-    torch.manual_seed(0)
-    BloomForCausalLM(cfg).save_pretrained(tmp_path / "big", max_shard_size="10MB")
-    assert len(list((tmp_path / "big").glob("*.safetensors"))) >= 10
-    results = _launch(tmp_path, "memory", str(tmp_path / "big"))
+def _check_memory(results: list[dict]) -> None:
     for rank, r in enumerate(results):
         growth = r["peak_kb"] * 1024 - r["before_kb"] * 1024
         print(f"rank {rank}: grew {growth / 2**20:.1f} MiB loading a {r['full_bytes'] / 2**20:.1f} MiB model "
@@ -313,8 +319,8 @@ def _worker(mode: str, out: str, *args: str) -> None:
 
     init_from_env("cpu")
     w = world()
-    result = _equality(Path(out)) if mode == "equality" else _memory(Path(out), *args)
-    result["world"] = [w.rank, w.size]
+    memory = _memory(Path(out), *args)  # first: in a process that has loaded nothing yet
+    result = {"memory": memory, "equality": {**_equality(Path(out)), "world": [w.rank, w.size]}}
     (Path(out) / f"{mode}-{w.rank}.json").write_text(json.dumps(result))
     shutdown()
 
