@@ -268,15 +268,16 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     try:
         proc = subprocess.Popen([*torchrun_command(nproc), "-m", "engine.cli", *keep], stderr=subprocess.PIPE,
                                 text=True)
-        errors, codes, closing = [], [], False
+        errors, codes, held, closing = [], [], [], False
         for line in proc.stderr:
-            # torchrun's own closing traceback (a rank's have a `[rankN]:` prefix): dropped, with what follows
+            # torchrun's own closing traceback (a rank's have a `[rankN]:` prefix): held back, with what follows
             closing = closing or line.startswith("Traceback")
             if line.startswith("head-surgeon: error"):
                 errors.append(line.rstrip("\n"))
-            elif "exitcode" in line and ":" in line:
+            elif closing:
+                held.append(line)
                 codes += re.findall(r"exitcode\s*:\s*(-?\d+)", line)
-            elif not (closing or _torchrun_line(line)):
+            elif not _torchrun_line(line):
                 sys.stderr.write(line)
         code = proc.wait()
     finally:
@@ -288,6 +289,7 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
         return 2
     if codes and all(c == "130" for c in codes):
         return 130  # stopped by Ctrl-C or cancel, at a step boundary: the run says how to resume it
+    sys.stderr.write("".join(held[-40:]))  # no line of ours says why: torchrun's account, then
     return code
 
 
