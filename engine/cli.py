@@ -268,29 +268,49 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     try:
         proc = subprocess.Popen([*torchrun_command(nproc), "-m", "engine.cli", *keep], stderr=subprocess.PIPE,
                                 text=True)
-        errors, codes, held, closing = [], [], [], False
+        relay = TorchrunStderr()
         for line in proc.stderr:
-            # torchrun's own closing traceback (a rank's have a `[rankN]:` prefix): held back, with what follows
-            closing = closing or line.startswith("Traceback")
-            if line.startswith("head-surgeon: error"):
-                errors.append(line.rstrip("\n"))
-            elif closing:
-                held.append(line)
-                codes += re.findall(r"exitcode\s*:\s*(-?\d+)", line)
-            elif not _torchrun_line(line):
-                sys.stderr.write(line)
+            sys.stderr.write(relay.feed(line))
         code = proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
-    if code == 0:
-        return 0
-    if errors:
-        print(min(errors, key=lambda line: "(rank" in line), file=sys.stderr)
-        return 2
-    if codes and all(c == "130" for c in codes):
-        return 130  # stopped by Ctrl-C or cancel, at a step boundary: the run says how to resume it
-    sys.stderr.write("".join(held[-40:]))  # no line of ours says why: torchrun's account, then
+    message, code = relay.outcome(code)
+    sys.stderr.write(message)
     return code
+
+
+class TorchrunStderr:
+    """What a relaunch shows of torchrun's stderr: the ranks' lines as they come, less torchrun's own log
+    lines; our error lines kept for the end (rank 0's shown); torchrun's closing traceback (a rank's have a
+    `[rankN]:` prefix) held back, and shown only when no line of ours says why the run failed."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.codes: list[str] = []
+        self.held: list[str] = []
+        self.closing = False
+
+    def feed(self, line: str) -> str:
+        """The part of `line` to show now."""
+        self.closing = self.closing or line.startswith("Traceback")
+        if line.startswith("head-surgeon: error"):
+            self.errors.append(line.rstrip("\n"))
+        elif self.closing:
+            self.held.append(line)
+            self.codes += re.findall(r"exitcode\s*:\s*(-?\d+)", line)
+        elif not _torchrun_line(line):
+            return line
+        return ""
+
+    def outcome(self, code: int) -> tuple[str, int]:
+        """(what to show at the end, the exit status) for torchrun's exit status `code`."""
+        if code == 0:
+            return "", 0
+        if self.errors:
+            return min(self.errors, key=lambda line: "(rank" in line) + "\n", 2
+        if self.codes and all(c == "130" for c in self.codes):
+            return "", 130  # stopped by Ctrl-C or cancel, at a step boundary: the run says how to resume it
+        return "".join(self.held[-40:]), code  # no line of ours says why: torchrun's account
 
 
 def _torchrun_line(line: str) -> bool:
