@@ -15,7 +15,7 @@ import torch
 
 from .arch import Adapter
 from .atomic import atomic_write_bytes
-from .distributed import whole
+from .distributed import whole, world
 from .errors import InputError
 from .preflight import os_error_message
 
@@ -39,6 +39,8 @@ def save_patch(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[st
     The metadata carries a checksum of the tensors' content, which `load_patch` verifies."""
     from safetensors.torch import save
 
+    if not world().main:  # its write would be dropped (engine.atomic): skip the checksum and serialising too
+        return
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     header = {META_KEY: json.dumps({"format": PATCH_FORMAT, "version": PATCH_VERSION, **meta,
                                     "checksum": tensors_checksum(tensors)})}

@@ -210,15 +210,20 @@ class MicroGradients:
     def __init__(self, params: list[torch.nn.Parameter], n_micro: int) -> None:
         self.params, self.n_micro = params, n_micro
         self.size = sum(p.numel() for p in params)
-        self.exact = n_micro * (self.size + 2) * 4 <= EXACT_SLOTS_BYTES
-        slots = n_micro if self.exact else 1
-        self.buffer = torch.zeros(slots, self.size + 2, dtype=torch.float32, device=params[0].device)
+        self.exact = self.slots(self.size, n_micro) == n_micro
+        self.buffer = torch.zeros(self.slots(self.size, n_micro), self.size + 2, dtype=torch.float32,
+                                  device=params[0].device)
 
     @staticmethod
-    def buffer_bytes(params: list[torch.nn.Parameter], n_micro: int) -> int:
+    def slots(size: int, n_micro: int) -> int:
+        """Slots for `size` trained values: one a micro-batch while they fit `EXACT_SLOTS_BYTES`, else one."""
+        return n_micro if n_micro * (size + 2) * 4 <= EXACT_SLOTS_BYTES else 1
+
+    @classmethod
+    def buffer_bytes(cls, params: list[torch.nn.Parameter], n_micro: int) -> int:
         """What the buffer takes for these parameters (the checkpointing plan keeps it free)."""
-        size = sum(p.numel() for p in params) + 2
-        return n_micro * size * 4 if n_micro * size * 4 <= EXACT_SLOTS_BYTES else size * 4
+        size = sum(p.numel() for p in params)
+        return cls.slots(size, n_micro) * (size + 2) * 4
 
     def keep(self, k: int, loss: float) -> None:
         """Put the gradients of micro-batch `k` (just computed, nothing accumulated) into its slot."""
@@ -412,6 +417,8 @@ class SurgeryRun:
 
         from .atomic import atomic_write_bytes
 
+        if not self.world.main:  # rank 0 alone writes: nothing to serialise here
+            return
         tensors = dict(self.slices.head_tensors())
         names = {id(p): n for n, p in self.slices.named_parameters()}
         opt_meta = {}
