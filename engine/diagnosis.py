@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .arch import Adapter, base_model
 from . import fused_stats
@@ -134,11 +133,7 @@ class HeadStatsCollector:
     def _reduce_probs(self, layer: int, p: torch.Tensor) -> None:
         # Few, large kernels: diagnosis is launch-bound on a GPU when the hooks issue many small ones.
         entropy = -torch.special.xlogy(p, p).sum(-1)
-        local = torch.diagonal(p, 0, -2, -1)
-        for back in (1, 2):
-            if p.shape[-1] > back:
-                local = local + F.pad(torch.diagonal(p, -back, -2, -1), (back, 0))
-        self.add_row_stats(layer, torch.stack((p[..., 0], entropy, local)))
+        self.add_row_stats(layer, torch.stack((p[..., 0], entropy, fused_stats.local_band(p))))
 
     def add_row_stats(self, layer: int, stats: torch.Tensor) -> None:
         """Add one batch's per-row statistics [3, B, H, Lq] (BOS mass, entropy, local mass) of `layer`."""

@@ -28,6 +28,15 @@ from .arch import Adapter
 from .fastpath import _combined_bias, _swapped, fused_gelu
 
 
+def local_band(x: torch.Tensor) -> torch.Tensor:
+    """Per query row of x [..., Lq, Lk], the sum over keys i, i-1 and i-2 (the local mass of probabilities)."""
+    local = torch.diagonal(x, 0, -2, -1)
+    for back in (1, 2):
+        if x.shape[-1] > back:
+            local = local + F.pad(torch.diagonal(x, -back, -2, -1), (back, 0))
+    return local
+
+
 def row_statistics(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[3, B, H, Lq] (mass on key 0, entropy in nats, local mass) of the scores [B, H, Lq, Lk] with the model's
     additive mask (masked keys at the dtype's minimum), added in the scores' dtype as the eager path adds it;
@@ -40,11 +49,7 @@ def row_statistics(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     z = e.sum(-1)
     weighted = torch.where(e > 0, e * s, 0.0).sum(-1)  # masked keys: e = 0 at the dtype's minimum score
     entropy = top.squeeze(-1) + torch.log(z) - weighted / z
-    local = torch.diagonal(e, 0, -2, -1)
-    for back in (1, 2):
-        if e.shape[-1] > back:
-            local = local + F.pad(torch.diagonal(e, -back, -2, -1), (back, 0))
-    return torch.stack((e[..., 0] / z, entropy, local / z))
+    return torch.stack((e[..., 0] / z, entropy, local_band(e) / z))
 
 
 def dense_terms(ctx: torch.Tensor, out: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | None,
