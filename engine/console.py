@@ -68,6 +68,10 @@ def summary(report: HeadReport) -> Text:
                 f"> {100 * t.band_share:.0f}% of layers): {'H' + ',H'.join(map(str, band)) if band else 'none'}")
     text.append(f"\nthresholds: sink > {t.sink}, dead > {t.dead}, low-entropy < {t.low_entropy} nats, positional "
                 f"when local mass >= {t.positional_local}", style="dim")
+    m = report.measurement
+    if m.get("path"):
+        spread = f", {m['world_size']} processes" if m.get("world_size", 1) > 1 else ""
+        text.append(f"\nmeasured by the {m['path']} path ({m.get('dtype')} on {m.get('device')}{spread})", style="dim")
     return text
 
 

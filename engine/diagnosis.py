@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .arch import Adapter, base_model
-from . import fused_stats
-from .distributed import all_sum, any_rank, spread
+from . import flash_stats, fused_stats
+from .distributed import all_sum, any_rank, spread, world
 from .fastpath import probabilities_exposed
 from .errors import InputError
 from .events import DiagnosisProgress, NullSink, Sink
@@ -70,6 +70,14 @@ def right_padded_batches(token_ids: list[list[int]], batch_size: int, pad_id: in
         yield ids, mask
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without waiting: on CUDA from pinned memory, so that the host does not
+    stall until the GPU has finished the previous batch (a plain copy from pageable memory waits)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def query_weights(attention_mask: torch.Tensor) -> torch.Tensor:
     """1.0 for every real query position except position 0, else 0.0; shape [B, L]."""
     w = attention_mask.to(torch.float32).clone()
@@ -78,9 +86,11 @@ def query_weights(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class HeadStatsCollector:
-    """Hooks that accumulate per-head sums over every batch run while attached."""
+    """Per-head sums over every batch run while attached: from hooks on the attention and output projection
+    modules (the eager and scores paths), or handed over by the statistics kernel's attention forward
+    (`hooks=False`: `add_head_rows`, `add_output_norms`)."""
 
-    def __init__(self, model: torch.nn.Module, adapter: Adapter):
+    def __init__(self, model: torch.nn.Module, adapter: Adapter, *, hooks: bool = True):
         self.model, self.adapter = model, adapter
         # Sums stay on the model's device until `means()`: a copy to the host per layer would stall the GPU.
         # Rows: BOS mass, entropy, local mass, head output norm.
@@ -90,11 +100,16 @@ class HeadStatsCollector:
         self.count = 0.0
         self._weights: torch.Tensor | None = None
         self._grams: dict[int, torch.Tensor] = {}
+        self._gram_parts: dict[int, tuple] = {}
+        self._rows: torch.Tensor | None = None  # the kernel path's per-batch buffers (layer_buffers)
+        self._norms: torch.Tensor | None = None
+        self._written: set[int] = set()
         self._handles: list = []
-        self.dense_terms = fused_stats.dense_terms  # the fused path on CUDA sets the compiled one
+        self._hooks = hooks
+        self.dense_terms = fused_stats.dense_terms  # the scores path on CUDA sets the compiled one
 
     def __enter__(self) -> "HeadStatsCollector":
-        for layer in range(self.adapter.n_layer):
+        for layer in range(self.adapter.n_layer if self._hooks else 0):
             attn = self.adapter.attention(self.model, layer)
             self._handles.append(attn.register_forward_hook(self._attention_hook(layer)))
             self._handles.append(self.adapter.dense(self.model, layer).register_forward_hook(self._dense_hook(layer)))
@@ -118,7 +133,7 @@ class HeadStatsCollector:
     def set_batch(self, attention_mask: torch.Tensor) -> None:
         weights = query_weights(attention_mask)
         self.count += float(weights.sum())
-        self._weights = weights.to(next(self.model.parameters()).device)
+        self._weights = to_device(weights, self.sums.device)
 
     def _attention_hook(self, layer: int):
         def hook(module, args, output):
@@ -158,6 +173,37 @@ class HeadStatsCollector:
             self._grams[layer] = torch.bmm(w.transpose(1, 2), w)
         return self._grams[layer]
 
+    def gram_parts(self, layer: int, module, dtype: torch.dtype) -> tuple:
+        """The output projection's per-head Gram matrices as the statistics kernel multiplies them."""
+        if layer not in self._gram_parts:
+            self._gram_parts[layer] = flash_stats.gram_parts(self._gram(layer, module), dtype)
+        return self._gram_parts[layer]
+
+    def layer_buffers(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the statistics kernel writes `layer`'s per-row statistics [4, H, B, L] (BOS mass, entropy,
+        local mass, head output norm) and output norms ||y - b|| [B * L] for this batch; `end_batch` adds
+        every layer's up at once (two small kernels per batch, not per layer: diagnosis is host-bound)."""
+        shape = (self.adapter.n_layer, 4, self.adapter.n_head, batch, length)
+        if self._rows is None or self._rows.shape != shape:
+            device = self.sums.device
+            self._rows = torch.empty(shape, dtype=torch.float32, device=device)
+            self._norms = torch.empty((shape[0], batch * length), dtype=torch.float32, device=device)
+        self._written.add(layer)
+        return self._rows[layer], self._norms[layer]
+
+    def end_batch(self) -> None:
+        """Add the batch's statistics from `layer_buffers`, weighted by its query weights (the kernel path)."""
+        if self._rows is None:
+            return
+        written, self._written = self._written, set()
+        if self._weights is None:
+            return
+        if len(written) != self.adapter.n_layer:
+            raise RuntimeError(f"the statistics kernel measured {len(written)} of {self.adapter.n_layer} layers")
+        w = self._weights.view(-1)
+        self.sums += (self._rows.view(self.adapter.n_layer, 4, self.adapter.n_head, -1) @ w).transpose(0, 1)
+        self.layer_norm += self._norms @ w
+
     def _reduce_dense(self, layer: int, module, ctx: torch.Tensor, out: torch.Tensor) -> None:
         heads, total = self.dense_terms(ctx, out, self._gram(layer, module), module.bias, self._weights)
         self.sums[3, layer] += heads.double()
@@ -169,6 +215,16 @@ class HeadStatsCollector:
         out = {name: (sums[i] / n).numpy() for i, name in enumerate(("bos_mass", "entropy", "local_mass"))}
         out["contribution"] = (sums[3] / self.layer_norm.cpu().clamp_min(1e-12)[:, None]).numpy()
         return out
+
+
+def resolve_path(adapter: Adapter, device: torch.device, path: str | None = None) -> str:
+    """The diagnosis path `run_statistics` takes for `path` (None: the default for the family and device)."""
+    path = path or fused_stats.default_path(adapter, device)
+    if path not in fused_stats.PATHS or (path != "eager" and adapter.family != "bloom"):
+        raise InputError(f"diagnosis path {path!r}: use eager, or kernel or scores for BLOOM")
+    if path == "kernel" and not flash_stats.kernel_available(device):
+        raise InputError("the statistics kernel needs Triton and a CUDA device: use the scores or eager path")
+    return path
 
 
 @torch.no_grad()
@@ -183,25 +239,24 @@ def run_statistics(
     cancelled=lambda: False,
     path: str | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Per-head mean statistics over `token_ids`; returns (stats, number of query positions). `path`: "eager"
-    reads the attention probabilities the model computes; "fused" reduces BLOOM's scores in one kernel
-    without writing probabilities (engine.fused_stats); default: fused where it is available (BLOOM on CUDA)."""
+    """Per-head mean statistics over `token_ids`; returns (stats, number of query positions). `path` (BLOOM):
+    "kernel" computes each layer's output and statistics in one flash-attention kernel (engine.flash_stats),
+    "scores" reduces BLOOM's scores without writing probabilities (engine.fused_stats), "eager" reads the
+    probabilities the model computes; default: `fused_stats.default_path` (the kernel on a GPU)."""
     sink = sink or NullSink()
     device = next(model.parameters()).device
-    path = path or ("fused" if fused_stats.available(adapter, device) else "eager")
-    if path not in ("fused", "eager") or (path == "fused" and adapter.family != "bloom"):
-        raise InputError(f"diagnosis path {path!r}: use eager, or fused for BLOOM")
+    path = resolve_path(adapter, device, path)
     body = base_model(model)
     was_training = model.training
     model.eval()
     done = 0
     try:
-        collector = HeadStatsCollector(model, adapter)
-        if path == "fused" and device.type == "cuda":
+        collector = HeadStatsCollector(model, adapter, hooks=path != "kernel")
+        if path == "scores" and device.type == "cuda":
             collector.dense_terms = fused_stats.compiled_dense_terms()
         with collector, (
-                fused_stats.statistics_attention(model, adapter, collector.add_row_stats) if path == "fused"
-                else probabilities_exposed(model, adapter)):
+                fused_stats.statistics_attention(model, adapter, collector, kernel=path == "kernel")
+                if path != "eager" else probabilities_exposed(model, adapter)):
             # in a distributed run each rank measures its share of the batches, and the sums are added up
             for (ids, mask), real in spread(list(right_padded_batches(token_ids, batch_size, pad_id))):
                 if any_rank(cancelled(), device):
@@ -210,7 +265,8 @@ def run_statistics(
                     collector.set_batch(mask)
                 else:
                     collector.skip_batch()
-                body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                body(input_ids=to_device(ids, device), attention_mask=to_device(mask, device), use_cache=False)
+                collector.end_batch()
                 done += len(ids) * real
                 sink.emit(DiagnosisProgress(done, len(token_ids), int(collector.count)))
             collector.reduce_over_ranks()
@@ -237,10 +293,13 @@ def diagnose(
 
         raise InputError("no prompt is at least two tokens long: give longer prompts")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stats, n_tokens = run_statistics(
-        loaded.model, loaded.adapter, token_ids, batch_size=settings.batch_size, pad_id=pad_id, sink=sink, cancelled=cancelled
-    )
     adapter = loaded.adapter
+    parameter = next(loaded.model.parameters())
+    path = resolve_path(adapter, parameter.device)
+    stats, n_tokens = run_statistics(
+        loaded.model, adapter, token_ids, batch_size=settings.batch_size, pad_id=pad_id, sink=sink,
+        cancelled=cancelled, path=path
+    )
     return HeadReport(
         model=loaded.ref,
         n_layer=adapter.n_layer,
@@ -249,5 +308,7 @@ def diagnose(
         thresholds=settings.thresholds,
         n_prompts=len(token_ids),
         n_tokens=n_tokens,
+        measurement={"path": path, "dtype": str(parameter.dtype).removeprefix("torch."), "device": parameter.device.type,
+                     **world().record()},
         **stats,
     )

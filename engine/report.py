@@ -73,6 +73,8 @@ class HeadReport:
     thresholds: Thresholds = field(default_factory=Thresholds)
     n_prompts: int = 0
     n_tokens: int = 0  # query positions averaged over (position 0 of each prompt excluded)
+    # how the statistics were computed: diagnosis path (kernel, scores, eager), dtype, device type, world size
+    measurement: dict[str, Any] = field(default_factory=dict)
 
     @property
     def classes(self) -> np.ndarray:
@@ -159,6 +161,7 @@ class HeadReport:
             "thresholds": asdict(self.thresholds),
             "n_prompts": self.n_prompts,
             "n_tokens": self.n_tokens,
+            "measurement": dict(self.measurement),
         }
 
     @classmethod
@@ -181,6 +184,7 @@ class HeadReport:
                 thresholds=Thresholds(**data.get("thresholds", {})),
                 n_prompts=int(data.get("n_prompts", 0)),
                 n_tokens=int(data.get("n_tokens", 0)),
+                measurement=dict(data.get("measurement", {})),
                 **arrays,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -93,10 +93,10 @@ def test_report_json_round_trip(planted_dir):
     np.testing.assert_allclose(back.entropy, report.entropy)
 
 
-def test_the_fused_statistics_path_matches_the_eager_probabilities(planted_dir):
-    """BLOOM's scores reduced in one function (the kernel diagnosis compiles on a GPU), uncompiled here, give
-    the statistics of the eager path: BOS mass and local mass within 1e-3, entropy within 1e-2 nats (the issue's
-    bounds; fp32 on a CPU agrees far closer). The eager path's hooks never see a probability tensor."""
+def test_the_scores_path_matches_the_eager_probabilities(planted_dir):
+    """BLOOM's scores reduced in one function (the kernel diagnosis compiles on a GPU without Triton),
+    uncompiled here, give the statistics of the eager path: BOS mass and local mass within 1e-3, entropy within
+    1e-2 nats (the issue's bounds; fp32 on a CPU agrees far closer)."""
     from engine.diagnosis import run_statistics, tokenize_prompts
     from engine.model import load_model
     from engine.prompts import builtin_prompts
@@ -104,34 +104,37 @@ def test_the_fused_statistics_path_matches_the_eager_probabilities(planted_dir):
     loaded = load_model(str(planted_dir), device="cpu")
     ids = tokenize_prompts(loaded.tokenizer, builtin_prompts()[:12], 64)
     eager, n_eager = run_statistics(loaded.model, loaded.adapter, ids, batch_size=5, path="eager")
-    fused, n_fused = run_statistics(loaded.model, loaded.adapter, ids, batch_size=5, path="fused")
+    fused, n_fused = run_statistics(loaded.model, loaded.adapter, ids, batch_size=5, path="scores")
     assert n_eager == n_fused
     for name, tol in (("bos_mass", 1e-6), ("entropy", 1e-5), ("local_mass", 1e-6), ("contribution", 1e-6)):
         assert abs(eager[name] - fused[name]).max() < tol, name
     assert eager["bos_mass"][0, 3] > 0.95  # the planted heads are there to be measured
 
 
-def test_the_fused_path_is_taken_for_bloom_on_a_gpu_only(monkeypatch, planted_dir):
+def test_the_scores_path_reduces_every_layers_scores_and_the_report_says_which_path_ran(monkeypatch, planted_dir):
     from engine import fused_stats
-    from engine.arch import BloomAdapter, MptAdapter
-
-    assert fused_stats.available(BloomAdapter(2, 4, 32), torch.device("cuda"))
-    assert not fused_stats.available(BloomAdapter(2, 4, 32), torch.device("cpu"))
-    assert not fused_stats.available(MptAdapter(2, 4, 32), torch.device("cuda"))
     from engine.diagnosis import run_statistics
     from engine.model import load_model
 
     loaded = load_model(str(planted_dir), device="cpu")
     taken = []
     real = fused_stats.row_statistics
-    monkeypatch.setattr(fused_stats, "available", lambda adapter, device: True)
+
     def spy(scores, mask):
         taken.append(tuple(scores.shape))
         return real(scores, mask)
 
     monkeypatch.setattr(fused_stats, "row_statistics", spy)
-    run_statistics(loaded.model, loaded.adapter, [[1, 2, 3, 4]], batch_size=1)
-    assert taken == [(1, 4, 4, 4)] * loaded.adapter.n_layer  # every layer's scores went through the kernel
+    run_statistics(loaded.model, loaded.adapter, [[1, 2, 3, 4]], batch_size=1, path="scores")
+    assert taken == [(1, 4, 4, 4)] * loaded.adapter.n_layer  # every layer's scores went through the reduction
+    monkeypatch.setattr(fused_stats, "default_path", lambda adapter, device: "scores")
+    report = diagnose(loaded, builtin_prompts()[:2])
+    assert report.measurement == {"path": "scores", "dtype": "float32", "device": "cpu", "world_size": 1,
+                                  "backend": None}
+    assert len(taken) > loaded.adapter.n_layer  # diagnose took the default path
+    from engine.report import HeadReport
+
+    assert HeadReport.from_json(report.to_json()).measurement == report.measurement
 
 
 def test_the_fused_path_leaves_a_boolean_mask_to_the_eager_probabilities(planted_dir):
@@ -140,10 +143,14 @@ def test_the_fused_path_leaves_a_boolean_mask_to_the_eager_probabilities(planted
     from engine import fused_stats
     from engine.model import load_model
 
+    class Collector:
+        def add_row_stats(self, layer, stats):
+            seen.append(layer)
+
     loaded = load_model(str(planted_dir), device="cpu")
     attention = loaded.adapter.attention(loaded.model, 0)
     seen = []
-    with fused_stats.statistics_attention(loaded.model, loaded.adapter, lambda layer, stats: seen.append(layer)):
+    with fused_stats.statistics_attention(loaded.model, loaded.adapter, Collector()):
         hidden = torch.randn(1, 4, loaded.adapter.hidden_size)
         alibi = torch.zeros(loaded.adapter.n_head, 1, 4)
         float_mask = torch.zeros(1, 1, 4, 4)
