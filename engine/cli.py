@@ -496,7 +496,7 @@ def cmd_bench(args) -> int:
     from rich.console import Console
 
     from .atomic import atomic_write_text
-    from .bench import print_bench, run_bench
+    from .bench import PARTS, print_bench, run_bench
 
     console = Console()
     shape = "tiny" if args.tiny else args.shape
@@ -506,12 +506,15 @@ def cmd_bench(args) -> int:
     if shape == "bloom-176b" and (args.nproc or 1) < 2 and not world().active:
         raise InputError("the bloom-176b shape does not fit one GPU: give --nproc N (8 H200s hold it)")
     if args.nproc is not None or world().active:
+        if args.only:
+            raise InputError("--only picks parts of the one-process bench: leave it out with --nproc")
         return _bench_distributed(args, console, shape, batch, seq_len)
     if args.baseline:
         raise InputError("--baseline compares runs over several processes: give --nproc N as well")
     with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
         result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
-                           warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6)
+                           warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6,
+                           parts=(args.only,) if args.only else PARTS)
     print_bench(result, console)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
@@ -658,6 +661,7 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=10, help="measured steps per case (after 2 warm-up steps)")
+    p.add_argument("--only", choices=("surgery", "diagnosis"), help="run the cases of one part only")
     p.add_argument("--json", help="write the results to this file")
     p.set_defaults(func=cmd_bench)
 

@@ -103,6 +103,7 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path):
     assert result["diagnosis_speedup"] > 0
     assert result["diagnosis"]["plain_sdpa_forward"]["tokens_per_s"] > 0 and result["diagnosis_vs_forward"] > 0
     assert "diagnosis_vs_forward" in done.stdout
+    assert result["diagnosis_path"] == "eager" and "ours: the eager path" in done.stdout  # the kernel is CUDA's
     prefix = result["prefix_cache"]
     assert prefix["first_epoch"]["tokens_per_s"] > 0 and prefix["later_epochs"]["tokens_per_s"] > 0
     assert prefix["later_vs_first"] > 0 and "frozen-prefix cache" in done.stdout
