@@ -87,8 +87,8 @@ def query_weights(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class HeadStatsCollector:
     """Per-head sums over every batch run while attached: from hooks on the attention and output projection
-    modules (the eager and scores paths), or handed over by the statistics kernel's attention forward
-    (`hooks=False`: `add_head_rows`, `add_output_norms`)."""
+    modules (the eager and scores paths), or written by the statistics kernel's attention forward into
+    `layer_buffers` and added up by `end_batch` (`hooks=False`)."""
 
     def __init__(self, model: torch.nn.Module, adapter: Adapter, *, hooks: bool = True):
         self.model, self.adapter = model, adapter
@@ -217,13 +217,24 @@ class HeadStatsCollector:
         return out
 
 
+PATH_ENV = "HEAD_SURGEON_DIAGNOSIS_PATH"
+
+
 def resolve_path(adapter: Adapter, device: torch.device, path: str | None = None) -> str:
-    """The diagnosis path `run_statistics` takes for `path` (None: the default for the family and device)."""
+    """The diagnosis path `run_statistics` takes for `path`; None: the one named by the environment variable
+    HEAD_SURGEON_DIAGNOSIS_PATH (kernel, scores or eager: every diagnosis of the process and of the runs it
+    starts), else the default for the family and device (`fused_stats.default_path`)."""
+    import os
+
+    source = "diagnosis path"
+    if path is None and os.environ.get(PATH_ENV):
+        path, source = os.environ[PATH_ENV], PATH_ENV
     path = path or fused_stats.default_path(adapter, device)
     if path not in fused_stats.PATHS or (path != "eager" and adapter.family != "bloom"):
-        raise InputError(f"diagnosis path {path!r}: use eager, or kernel or scores for BLOOM")
+        raise InputError(f"{source} {path!r}: use eager, or kernel or scores for BLOOM")
     if path == "kernel" and not flash_stats.kernel_available(device):
-        raise InputError("the statistics kernel needs Triton and a CUDA device: use the scores or eager path")
+        raise InputError(f"{source} 'kernel': the statistics kernel needs Triton and a CUDA GPU of compute "
+                         "capability 8.0 or newer: use scores or eager")
     return path
 
 
@@ -265,7 +276,10 @@ def run_statistics(
                     collector.set_batch(mask)
                 else:
                     collector.skip_batch()
-                body(input_ids=to_device(ids, device), attention_mask=to_device(mask, device), use_cache=False)
+                # the kernel reads no mask: rows are right-padded, so causal masking alone keeps every real query
+                # off the pads; passing none spares transformers the padding-aware mask and ALiBi it builds
+                mask_arg = None if path == "kernel" else to_device(mask, device)
+                body(input_ids=to_device(ids, device), attention_mask=mask_arg, use_cache=False)
                 collector.end_batch()
                 done += len(ids) * real
                 sink.emit(DiagnosisProgress(done, len(token_ids), int(collector.count)))

@@ -6,7 +6,10 @@ One pass over the keys, in blocks, with the online softmax of flash attention, c
 from the same scores, so no [B, H, L, L] tensor is ever written. Besides flash attention's running maximum
 m, sum l = sum_j e_j (e_j = exp(s_j - m)) and output accumulator, the kernel keeps three more running sums,
 rescaled with l whenever m moves: sum_j e_j s_j (the entropy is log l + m - sum_j e_j s_j / l), e_0 and the
-e_j of the local keys.
+e_j of the local keys. Given the output projection's per-head Gram matrices, its epilogue also gives each
+head's output norm ||W_h c|| for the contribution; a second small kernel takes the norms of the projection's
+output rows. Diagnosis of the bloom-1b7 and bloom-7b1 shapes runs at 0.90x and 1.00x a plain SDPA forward on
+an H200 (docs/benchmarks.md).
 
 The scores are BLOOM's own: s_ij = bf16(alpha q_i.k_j + bf16(slope_h j)) in a bf16 model, as its eager
 `alibi.baddbmm` computes and rounds them (in fp32 without the roundings), masked causally; the softmax and
@@ -17,23 +20,25 @@ key at its index, and causal masking keeps real queries off the pads): callers p
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # shipped with PyTorch's CUDA builds; on a CPU-only install diagnosis takes the eager paths
     import triton
-    import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Whether the kernel can run on `device`: Triton on a CUDA device, or on the CPU under Triton's interpreter
-    (TRITON_INTERPRET=1 before Triton is imported, as the tests set it)."""
+    """Whether the kernel can run on `device`: Triton on a CUDA device with bf16 tensor cores (compute capability
+    8.0 or newer: A100, H100, RTX 30xx and later), or on the CPU under Triton's interpreter (TRITON_INTERPRET=1
+    before Triton is imported, as the tests set it)."""
     if triton is None:
         return False
-    import os
-
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, dict]:
@@ -51,8 +56,8 @@ def gram_parts(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     whose sum holds the fp32 matrix to about 2^-16 relative (tensor-core products, accumulated in fp32)."""
     if dtype == torch.float32:
         return gram.contiguous(), None
-    hi = gram.to(dtype)
-    return hi.contiguous(), (gram - hi.float()).to(dtype).contiguous()
+    hi = gram.contiguous().to(dtype)
+    return hi, (gram - hi).to(dtype)  # the difference in fp32 (type promotion)
 
 
 def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,

@@ -8,7 +8,7 @@ entropy and local mass (keys i, i-1, i-2) instead, by one of two paths, and the 
 in training:
   - kernel (the default on CUDA): the layer's output and its statistics from one flash-attention kernel over
     BLOOM's own scores (engine.flash_stats); nothing of size [B, H, L, L] is written;
-  - scores (CUDA without Triton): the scores computed exactly as BLOOM's eager code does
+  - scores (CUDA without the kernel: no Triton, or a GPU before compute capability 8.0): the scores computed exactly as BLOOM's eager code does
     (`alibi.baddbmm(q, k^T)` in the model's dtype, plus its additive mask) and reduced in one compiled
     kernel (`row_statistics`), and the output through SDPA (engine.fastpath).
 Both compute the statistics in fp32 from the scores in the model's dtype (eager rounds the probabilities to
@@ -25,8 +25,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-
-from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from . import flash_stats
 from .arch import Adapter
@@ -84,8 +82,9 @@ PATHS = ("kernel", "scores", "eager")
 
 
 def default_path(adapter: Adapter, device: torch.device) -> str:
-    """The diagnosis path used unless one is asked for: for BLOOM on CUDA, the statistics kernel (or, without
-    Triton, its scores reduced); the eager probabilities elsewhere (CPU, other families)."""
+    """The diagnosis path used unless one is asked for: for BLOOM on CUDA, the statistics kernel where it runs
+    (`flash_stats.kernel_available`), else its scores reduced; the eager probabilities elsewhere (CPU, other
+    families)."""
     if adapter.family != "bloom" or device.type != "cuda":
         return "eager"
     return "kernel" if flash_stats.kernel_available(device) else "scores"
@@ -123,6 +122,8 @@ def _stats_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
 def alibi_slopes(n_head: int, device) -> torch.Tensor:
     """BLOOM's per-head ALiBi slopes in fp32, as transformers' `build_alibi_tensor` computes them (its
     position-1 entries), for any head count."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
     ones = torch.ones(1, 2, dtype=torch.long, device=device)
     return build_alibi_tensor(ones, n_head, torch.float32)[:, 0, 1].contiguous()
 

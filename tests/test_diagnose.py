@@ -137,7 +137,7 @@ def test_the_scores_path_reduces_every_layers_scores_and_the_report_says_which_p
     assert HeadReport.from_json(report.to_json()).measurement == report.measurement
 
 
-def test_the_fused_path_leaves_a_boolean_mask_to_the_eager_probabilities(planted_dir):
+def test_the_scores_path_leaves_a_boolean_mask_to_the_eager_probabilities(planted_dir):
     """transformers passes BLOOM an additive float mask; any other mask goes through the eager forward, whose
     probabilities the collector's hook reads: the statistics are measured either way."""
     from engine import fused_stats
@@ -155,6 +155,6 @@ def test_the_fused_path_leaves_a_boolean_mask_to_the_eager_probabilities(planted
         alibi = torch.zeros(loaded.adapter.n_head, 1, 4)
         float_mask = torch.zeros(1, 1, 4, 4)
         out, probs = attention(hidden, hidden, alibi, float_mask)
-        assert probs is None and seen == [0]  # the fused path: statistics handed over, no probabilities
+        assert probs is None and seen == [0]  # the scores path: statistics handed over, no probabilities
         out, probs = attention(hidden, hidden, alibi, torch.ones(1, 1, 4, 4, dtype=torch.bool))
         assert probs is not None and probs.shape == (1, loaded.adapter.n_head, 4, 4) and seen == [0]

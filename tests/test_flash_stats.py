@@ -98,10 +98,14 @@ def test_kernel_diagnosis_equals_the_eager_path(planted_dir, monkeypatch):
 
 def test_the_kernel_is_the_default_path_for_bloom_where_triton_runs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     bloom, mpt = BloomAdapter(2, 4, 32), MptAdapter(2, 4, 32)
     assert fused_stats.default_path(bloom, torch.device("cuda")) == "kernel"
     assert fused_stats.default_path(bloom, torch.device("cpu")) == "eager"
     assert fused_stats.default_path(mpt, torch.device("cuda")) == "eager"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16 MMA
+    assert fused_stats.default_path(bloom, torch.device("cuda")) == "scores"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(flash_stats, "triton", None)  # a CUDA install without Triton: the scores, reduced
     assert fused_stats.default_path(bloom, torch.device("cuda")) == "scores"
 
@@ -110,7 +114,27 @@ def test_asking_for_the_kernel_where_it_cannot_run_is_one_clear_error(monkeypatc
     from engine.diagnosis import resolve_path
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(InputError, match="needs Triton and a CUDA device"):
+    with pytest.raises(InputError, match="needs Triton and a CUDA GPU"):
         resolve_path(BloomAdapter(2, 4, 32), torch.device("cpu"), "kernel")
     with pytest.raises(InputError, match="for BLOOM"):
         resolve_path(MptAdapter(2, 4, 32), torch.device("cuda"), "kernel")
+
+
+def test_the_environment_names_the_path_for_every_diagnosis_and_a_bad_name_is_refused(monkeypatch, planted_dir):
+    from engine.diagnosis import PATH_ENV, diagnose, resolve_path
+    from engine.model import load_model
+    from engine.prompts import builtin_prompts
+
+    bloom = BloomAdapter(2, 4, 32)
+    monkeypatch.setenv(PATH_ENV, "scores")
+    assert resolve_path(bloom, torch.device("cpu")) == "scores"
+    assert resolve_path(bloom, torch.device("cpu"), "eager") == "eager"  # an explicit path wins
+    report = diagnose(load_model(str(planted_dir), device="cpu"), builtin_prompts()[:2])
+    assert report.measurement["path"] == "scores"
+    monkeypatch.setenv(PATH_ENV, "fast")
+    with pytest.raises(InputError, match=f"{PATH_ENV} 'fast': use eager, or kernel or scores"):
+        resolve_path(bloom, torch.device("cpu"))
+    monkeypatch.setenv(PATH_ENV, "kernel")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(InputError, match=f"{PATH_ENV} 'kernel': the statistics kernel needs Triton"):
+        resolve_path(bloom, torch.device("cpu"))
