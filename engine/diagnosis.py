@@ -70,6 +70,9 @@ def right_padded_batches(token_ids: list[list[int]], batch_size: int, pad_id: in
         yield ids, mask
 
 
+ROWS_BUDGET_BYTES = 256 * 2**20  # the kernel path's per-batch row buffers (HeadStatsCollector.layer_buffers)
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor copied to `device` without waiting: on CUDA from pinned memory, so that the host does not
     stall until the GPU has finished the previous batch (a plain copy from pageable memory waits)."""
@@ -104,6 +107,7 @@ class HeadStatsCollector:
         self._rows: torch.Tensor | None = None  # the kernel path's per-batch buffers (layer_buffers)
         self._norms: torch.Tensor | None = None
         self._written: set[int] = set()
+        self._pending: list[int] = []  # the layers whose rows the buffers hold
         self._handles: list = []
         self._hooks = hooks
         self.dense_terms = fused_stats.dense_terms  # the scores path on CUDA sets the compiled one
@@ -165,44 +169,61 @@ class HeadStatsCollector:
 
         return hook
 
+    def _head_grams(self, module) -> torch.Tensor:
+        """W_h^T W_h per head ([H, d, d], fp32) of an output projection."""
+        n_head, d = self.adapter.n_head, self.adapter.head_dim
+        w = module.weight.float().view(-1, n_head, d).transpose(0, 1)  # [H, hidden, d]
+        return torch.bmm(w.transpose(1, 2), w)
+
     def _gram(self, layer: int, module) -> torch.Tensor:
-        """W_h^T W_h per head ([H, d, d]); weights are fixed while a collector is attached."""
+        """`_head_grams`, kept per layer; weights are fixed while a collector is attached."""
         if layer not in self._grams:
-            n_head, d = self.adapter.n_head, self.adapter.head_dim
-            w = module.weight.float().view(-1, n_head, d).transpose(0, 1)  # [H, hidden, d]
-            self._grams[layer] = torch.bmm(w.transpose(1, 2), w)
+            self._grams[layer] = self._head_grams(module)
         return self._grams[layer]
 
     def gram_parts(self, layer: int, module, dtype: torch.dtype) -> tuple:
-        """The output projection's per-head Gram matrices as the statistics kernel multiplies them."""
+        """The output projection's per-head Gram matrices as the statistics kernel multiplies them (only these
+        are kept on the kernel path, not the fp32 matrices too)."""
         if layer not in self._gram_parts:
-            self._gram_parts[layer] = flash_stats.gram_parts(self._gram(layer, module), dtype)
+            self._gram_parts[layer] = flash_stats.gram_parts(self._head_grams(module), dtype)
         return self._gram_parts[layer]
 
     def layer_buffers(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the statistics kernel writes `layer`'s per-row statistics [4, H, B, L] (BOS mass, entropy,
-        local mass, head output norm) and output norms ||y - b|| [B * L] for this batch; `end_batch` adds
-        every layer's up at once (two small kernels per batch, not per layer: diagnosis is host-bound)."""
-        shape = (self.adapter.n_layer, 4, self.adapter.n_head, batch, length)
+        local mass, head output norm) and output norms ||y - b|| [B * L] for this batch. The buffers hold as
+        many consecutive layers as fit in ROWS_BUDGET_BYTES (every layer of bloom-1b7 and bloom-7b1 at 8 x 512)
+        and are added up, weighted, when full and at `end_batch`: two small kernels per group of layers, not
+        several per layer (diagnosis is host-bound on a GPU)."""
+        per_layer = 4 * self.adapter.n_head * batch * length * 4
+        group = max(1, min(self.adapter.n_layer, ROWS_BUDGET_BYTES // per_layer))
+        shape = (group, 4, self.adapter.n_head, batch, length)
         if self._rows is None or self._rows.shape != shape:
+            self._flush()
             device = self.sums.device
             self._rows = torch.empty(shape, dtype=torch.float32, device=device)
-            self._norms = torch.empty((shape[0], batch * length), dtype=torch.float32, device=device)
+            self._norms = torch.empty((group, batch * length), dtype=torch.float32, device=device)
+        if len(self._pending) == group or (self._pending and layer != self._pending[-1] + 1):
+            self._flush()
+        self._pending.append(layer)
         self._written.add(layer)
-        return self._rows[layer], self._norms[layer]
+        return self._rows[len(self._pending) - 1], self._norms[len(self._pending) - 1]
+
+    def _flush(self) -> None:
+        """Add the buffered layers' rows (consecutive layers, from `layer_buffers`) to the sums."""
+        pending, self._pending = self._pending, []
+        if not pending or self._weights is None:  # a skipped batch's rows are dropped
+            return
+        n, first, w = len(pending), pending[0], self._weights.view(-1)
+        self.sums[:, first : first + n] += (self._rows[:n].view(n, 4, self.adapter.n_head, -1) @ w).transpose(0, 1)
+        self.layer_norm[first : first + n] += self._norms[:n] @ w
 
     def end_batch(self) -> None:
-        """Add the batch's statistics from `layer_buffers`, weighted by its query weights (the kernel path)."""
-        if self._rows is None:
-            return
+        """Add the rest of the batch's statistics from `layer_buffers` (the kernel path)."""
         written, self._written = self._written, set()
-        if self._weights is None:
-            return
-        if len(written) != self.adapter.n_layer:
+        measured = self._weights is not None and self._rows is not None
+        self._flush()
+        if measured and len(written) != self.adapter.n_layer:
             raise RuntimeError(f"the statistics kernel measured {len(written)} of {self.adapter.n_layer} layers")
-        w = self._weights.view(-1)
-        self.sums += (self._rows.view(self.adapter.n_layer, 4, self.adapter.n_head, -1) @ w).transpose(0, 1)
-        self.layer_norm += self._norms @ w
 
     def _reduce_dense(self, layer: int, module, ctx: torch.Tensor, out: torch.Tensor) -> None:
         heads, total = self.dense_terms(ctx, out, self._gram(layer, module), module.bias, self._weights)

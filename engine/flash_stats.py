@@ -5,8 +5,8 @@ One pass over the keys, in blocks, with the online softmax of flash attention, c
   - mass on key 0, entropy and local mass (keys i, i-1, i-2) of the row's probabilities,
 from the same scores, so no [B, H, L, L] tensor is ever written. Besides flash attention's running maximum
 m, sum l = sum_j e_j (e_j = exp(s_j - m)) and output accumulator, the kernel keeps three more running sums,
-rescaled with l whenever m moves: sum_j e_j s_j (the entropy is log l + m - sum_j e_j s_j / l), e_0 and the
-e_j of the local keys. Given the output projection's per-head Gram matrices, its epilogue also gives each
+rescaled with l whenever m moves: t = sum_j e_j (s_j - m) (the entropy is log l - t / l, with no large
+numbers subtracted), e_0 and the e_j of the local keys. Given the output projection's per-head Gram matrices, its epilogue also gives each
 head's output norm ||W_h c|| for the contribution; a second small kernel takes the norms of the projection's
 output rows. Diagnosis of the bloom-1b7 and bloom-7b1 shapes runs at 0.90x and 1.00x a plain SDPA forward on
 an H200 (docs/benchmarks.md).
@@ -82,7 +82,7 @@ def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from .flash_stats_kernel import attention_statistics
 
     interpreted = q.device.type == "cpu"
-    attention_statistics[(triton.cdiv(length, block_m), batch * n_heads)](
+    attention_statistics[(batch * n_heads, triton.cdiv(length, block_m))](
         q, k, v, out, rows, slopes, gram_hi, gram_lo, float(scale), n_heads, batch, length, *q.stride()[:3],
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         ROUND=q.dtype != torch.float32, IEEE=q.dtype == torch.float32,

@@ -41,21 +41,23 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
     UPCAST: see `_rounded` and `_dot` (the CPU interpreter). HEAD_NORM: a fourth statistic, ||W_h c|| of the
     row's context c (rounded as the output projection receives it) from the head's Gram matrix W_h^T W_h,
     [H, d, d] in GramHi (+ GramLo when GRAM_LO: the rounding remainder of GramHi)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B x H on the grid's first axis (the second holds at most 65,535)
+    pid_m = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
     dt = Q.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    base = b * sb + h * sh
+    # each program's base offsets in 64 bits (B x L x H x 3d passes 2^31 at bloom-176b with B=32, L=2048), the
+    # offsets within its tiles in 32
+    base = b.to(tl.int64) * sb + h.to(tl.int64) * sh
     q = tl.load(Q + base + offs_m[:, None] * sl + offs_d[None, :], mask=(offs_m[:, None] < length) & d_ok[None, :],
                 other=0.0)
     slope = tl.load(Slopes + h)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e_j, e_j = exp(s_j - m_i)
-    es_i = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e_j s_j
+    t_i = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e_j (s_j - m_i): the entropy is log l - t / l
     e0_i = tl.zeros((BLOCK_M,), tl.float32)  # e at key 0
     near_i = tl.zeros((BLOCK_M,), tl.float32)  # e at keys i, i-1, i-2
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -75,9 +77,12 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
         valid = (back >= 0) & n_ok[None, :]
         m_new = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1))
         scale = tl.exp(m_i - m_new)
-        e = tl.where(valid, tl.exp(s - m_new[:, None]), 0.0)
+        z = s - m_new[:, None]
+        e = tl.where(valid, tl.exp(z), 0.0)
+        # t relative to the running maximum, so that no two numbers of size slope x L are subtracted at the end:
+        # moving the maximum shifts every earlier term by m_i - m_new (nothing to shift before the first block)
+        t_i = (t_i + l_i * tl.where(l_i > 0, m_i - m_new, 0.0)) * scale + tl.sum(e * z, 1)
         l_i = l_i * scale + tl.sum(e, 1)
-        es_i = es_i * scale + tl.sum(e * s, 1)
         e0_i = e0_i * scale + tl.sum(tl.where(valid & (offs_n[None, :] == 0), e, 0.0), 1)
         near_i = near_i * scale + tl.sum(tl.where(valid & (back <= 2), e, 0.0), 1)
         v = tl.load(V + base + offs_n[:, None] * sl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -86,12 +91,13 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
         m_i = m_new
     m_ok = offs_m < length
     ctx = (acc / l_i[:, None]).to(Out.dtype.element_ty)
-    tl.store(Out + ((b * length + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :], ctx,
+    out_base = (b.to(tl.int64) * length * n_heads + h) * HEAD_DIM  # Out: [B, L, H, d]
+    tl.store(Out + out_base + offs_m[:, None] * (n_heads * HEAD_DIM) + offs_d[None, :], ctx,
              mask=m_ok[:, None] & d_ok[None, :])
     ss = n_heads * batch * length  # Stats: [S, H, B, L]
-    row = Stats + (h * batch + b) * length + offs_m
+    row = Stats + (h.to(tl.int64) * batch + b) * length + offs_m
     tl.store(row, e0_i / l_i, mask=m_ok)
-    tl.store(row + ss, m_i + tl.log(l_i) - es_i / l_i, mask=m_ok)
+    tl.store(row + ss, tl.log(l_i) - t_i / l_i, mask=m_ok)
     tl.store(row + 2 * ss, near_i / l_i, mask=m_ok)
     if HEAD_NORM:  # c^T G c = ||W_h c||^2
         g_at = h * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :]
@@ -105,13 +111,16 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
 @triton.jit
 def row_norms(Y, Bias, Out, n_rows, width, sy, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Out[r] = ||Y[r] - Bias|| in fp32, BLOCK_R rows per program."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_R  # 64 bits: rows x width can pass 2^31
+    local = tl.arange(0, BLOCK_R)
+    rows = first + local
     r_ok = rows < n_rows
     acc = tl.zeros((BLOCK_R,), tl.float32)
     for start in range(0, width, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         c_ok = cols < width
-        y = tl.load(Y + rows[:, None] * sy + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        y = tl.load(Y + first * sy + local[:, None] * sy + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                    other=0.0)
         bias = tl.load(Bias + cols, mask=c_ok, other=0.0)
         diff = tl.where(c_ok[None, :], y.to(tl.float32) - bias.to(tl.float32)[None, :], 0.0)
         acc += tl.sum(diff * diff, 1)

@@ -45,13 +45,14 @@ def row_statistics(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     additive mask (masked keys at the dtype's minimum), added in the scores' dtype as the eager path adds it;
     the rest in fp32."""
     s = (scores + mask if mask is not None else scores).float()
-    # two passes over a row: its maximum, then the sums of e = exp(s - max) and of e * s; the entropy is
-    # log-sum-exp - E_p[s], and the masses are e at the keys over the sum (no probability row is formed)
+    # two passes over a row: its maximum, then the sums of e = exp(s - max) and of e * (s - max); the entropy
+    # is log-sum-exp - E_p[s], and the masses are e at the keys over the sum (no probability row is formed)
     top = s.amax(-1, keepdim=True)
-    e = torch.exp(s - top)
+    shifted = s - top
+    e = torch.exp(shifted)
     z = e.sum(-1)
-    weighted = torch.where(e > 0, e * s, 0.0).sum(-1)  # masked keys: e = 0 at the dtype's minimum score
-    entropy = top.squeeze(-1) + torch.log(z) - weighted / z
+    weighted = torch.where(e > 0, e * shifted, 0.0).sum(-1)  # masked keys: e = 0 at the dtype's minimum score
+    entropy = torch.log(z) - weighted / z  # relative to the maximum: no two numbers of size slope x L subtracted
     return torch.stack((e[..., 0] / z, entropy, local_band(e) / z))
 
 

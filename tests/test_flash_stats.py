@@ -34,9 +34,11 @@ def eager_attention(q, k, v, lengths):
     return ctx.transpose(1, 2).reshape(batch, length, n_head * d), scores, mask, probs.float()
 
 
+@pytest.mark.parametrize("blocks", [(32, 32), (64, 32)])  # query x key rows per block; CUDA's are 64 x 64
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_computes_blooms_attention_its_statistics_and_head_norms(dtype):
-    batch, n_head, length, d = 2, 3, 45, 20  # 2 blocks of 32 queries, the last partial; d padded to 32 lanes
+def test_the_kernel_computes_blooms_attention_its_statistics_and_head_norms(dtype, blocks, monkeypatch):
+    monkeypatch.setattr(flash_stats, "_blocks", lambda head_dim, device: (*blocks, {}))
+    batch, n_head, length, d = 2, 3, 45, 20  # several key blocks, the last partial; d padded to 32 lanes
     lengths = [45, 30]
     torch.manual_seed(0)
     fused = torch.randn(batch, length, n_head, 3, d).mul(1.5).to(dtype)  # BLOOM's [B, L, H, {q,k,v}, d] layout
@@ -76,15 +78,21 @@ def test_output_norms_are_the_rows_norms_less_the_bias():
     assert (flash_stats.output_norms(y, None) - y.float().norm(dim=-1).reshape(-1)).abs().max() < 1e-4 * want.max()
 
 
-def test_kernel_diagnosis_equals_the_eager_path(planted_dir, monkeypatch):
-    """run_statistics on the kernel path: every layer's output and statistics come from the kernel (no
-    probabilities), and BOS mass, entropy, local mass and contribution equal the eager path's in fp32."""
+@pytest.mark.parametrize("budget", [None, 1])  # every layer's rows in one buffer; one layer at a time
+def test_kernel_diagnosis_equals_the_eager_path_on_padded_batches(planted_dir, monkeypatch, budget):
+    """run_statistics on the kernel path, with right-padded batches of prompts of different lengths: every
+    layer's output and statistics come from the kernel (no probabilities, no mask), and BOS mass, entropy,
+    local mass and contribution equal the eager path's in fp32, however many layers the row buffers hold."""
+    from engine import diagnosis
     from engine.diagnosis import run_statistics, tokenize_prompts
     from engine.model import load_model
     from engine.prompts import builtin_prompts
 
+    if budget is not None:
+        monkeypatch.setattr(diagnosis, "ROWS_BUDGET_BYTES", budget)
     loaded = load_model(str(planted_dir), device="cpu")
-    ids = tokenize_prompts(loaded.tokenizer, builtin_prompts()[:5], 40)
+    ids = [x[:n] for x, n in zip(tokenize_prompts(loaded.tokenizer, builtin_prompts()[:5], 40), (40, 7, 2, 23, 31))]
+    assert len({len(x) for x in ids}) == 5  # every batch of 3 is padded
     eager, n_eager = run_statistics(loaded.model, loaded.adapter, ids, batch_size=3, path="eager")
     calls = []
     real = flash_stats.attention_with_statistics
@@ -94,6 +102,25 @@ def test_kernel_diagnosis_equals_the_eager_path(planted_dir, monkeypatch):
     for name in ("bos_mass", "entropy", "local_mass", "contribution"):
         np.testing.assert_allclose(kernel[name], eager[name], atol=1e-6, err_msg=name)
     assert eager["bos_mass"][0, 3] > 0.95  # the planted heads are there to be measured
+
+
+def test_the_collector_drops_a_skipped_batch_and_refuses_a_batch_with_a_layer_missing(planted_dir):
+    from engine.diagnosis import HeadStatsCollector
+    from engine.model import load_model
+
+    loaded = load_model(str(planted_dir), device="cpu")
+    collector = HeadStatsCollector(loaded.model, loaded.adapter, hooks=False)
+    collector.skip_batch()  # a rank's filler pass: rows written, nothing added
+    for layer in range(loaded.adapter.n_layer):
+        rows, norms = collector.layer_buffers(layer, 1, 4)
+        rows.fill_(1.0)
+        norms.fill_(1.0)
+    collector.end_batch()
+    assert collector.sums.abs().sum() == 0 and collector.layer_norm.abs().sum() == 0 and collector.count == 0
+    collector.set_batch(torch.ones(1, 4, dtype=torch.long))
+    collector.layer_buffers(0, 1, 4)[0].fill_(1.0)
+    with pytest.raises(RuntimeError, match="measured 1 of 3 layers"):
+        collector.end_batch()
 
 
 def test_the_kernel_is_the_default_path_for_bloom_where_triton_runs(monkeypatch):
