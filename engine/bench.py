@@ -297,25 +297,24 @@ def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, 
                                           plans=card_plans, chunk_tokens=CARD_CHUNK_TOKENS), dev, ids, steps, warmup)
     card.update(plan=card_plans[0], budget_gib=CARD_BUDGET_GIB, loss_chunk_tokens=CARD_CHUNK_TOKENS)
 
-    ratio = _ratio
     return {
         "target_heads": heads,
         "surgery": surgery,
-        "speedup": {w: ratio(surgery["ours"][w], surgery["reference"][w], "tokens_per_s") for w in placements},
-        "speedup_from_sdpa": {w: ratio(surgery["ours"][w], surgery["ours_eager"][w], "tokens_per_s") for w in placements},
-        "memory_ratio": {w: ratio(surgery["reference"][w], surgery["ours"][w], "peak_gib") for w in placements},
-        "high_vs_low_cost": ratio(surgery["ours"]["high"], surgery["ours"]["low"], "tokens_per_s"),
+        "speedup": {w: _ratio(surgery["ours"][w], surgery["reference"][w], "tokens_per_s") for w in placements},
+        "speedup_from_sdpa": {w: _ratio(surgery["ours"][w], surgery["ours_eager"][w], "tokens_per_s") for w in placements},
+        "memory_ratio": {w: _ratio(surgery["reference"][w], surgery["ours"][w], "peak_gib") for w in placements},
+        "high_vs_low_cost": _ratio(surgery["ours"]["high"], surgery["ours"]["low"], "tokens_per_s"),
         "checkpointing_auto_8gib": {"plans": dict(zip((*placements, "high_later_epochs"), auto_plans)),
                                     "budget_gib": AUTO_BUDGET_GIB,
-                                    "vs_reference": {w: ratio(surgery["ours_auto_8gib"][w],
+                                    "vs_reference": {w: _ratio(surgery["ours_auto_8gib"][w],
                                                               surgery["reference"][w.removesuffix("_later_epochs")],
                                                               "tokens_per_s") for w in surgery["ours_auto_8gib"]},
                                     "goals": {"low": 2.0, "high": 4.0, "high_later_epochs": 4.0}},
         "card_16gb": card,
         "prefix_cache": {**prefix, "target_layer": third[0][0],
-                         "later_vs_first": ratio(prefix["later_epochs"], prefix["first_epoch"], "tokens_per_s"),
+                         "later_vs_first": _ratio(prefix["later_epochs"], prefix["first_epoch"], "tokens_per_s"),
                          "goal": 3.0,
-                         "top_layer_later_vs_reference": ratio(prefix["top_layer_later_epochs"],
+                         "top_layer_later_vs_reference": _ratio(prefix["top_layer_later_epochs"],
                                                                surgery["reference"]["high"], "tokens_per_s")},
     }
 

@@ -194,7 +194,7 @@ class HeadStatsCollector:
         many consecutive layers as fit in ROWS_BUDGET_BYTES (every layer of bloom-1b7 and bloom-7b1 at 8 x 512)
         and are added up, weighted, when full and at `end_batch`: two small kernels per group of layers, not
         several per layer (diagnosis is host-bound on a GPU)."""
-        per_layer = 4 * self.adapter.n_head * batch * length * 4
+        per_layer = 4 * self.adapter.n_head * batch * length * 4  # 4 statistics, fp32
         group = max(1, min(self.adapter.n_layer, ROWS_BUDGET_BYTES // per_layer))
         shape = (group, 4, self.adapter.n_head, batch, length)
         if self._rows is None or self._rows.shape != shape:

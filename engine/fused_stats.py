@@ -8,9 +8,10 @@ entropy and local mass (keys i, i-1, i-2) instead, by one of two paths, and the 
 in training:
   - kernel (the default on CUDA): the layer's output and its statistics from one flash-attention kernel over
     BLOOM's own scores (engine.flash_stats); nothing of size [B, H, L, L] is written;
-  - scores (CUDA without the kernel: no Triton, or a GPU before compute capability 8.0): the scores computed exactly as BLOOM's eager code does
-    (`alibi.baddbmm(q, k^T)` in the model's dtype, plus its additive mask) and reduced in one compiled
-    kernel (`row_statistics`), and the output through SDPA (engine.fastpath).
+  - scores (CUDA without the kernel: no Triton, or a GPU before compute capability 8.0): the scores
+    computed exactly as BLOOM's eager code does (`alibi.baddbmm(q, k^T)` in the model's dtype, plus its
+    additive mask) and reduced in one compiled kernel (`row_statistics`), and the output through SDPA
+    (engine.fastpath).
 Both compute the statistics in fp32 from the scores in the model's dtype (eager rounds the probabilities to
 bf16 first); their outputs differ from eager's by bf16 rounding, which later layers see
 (docs/benchmarks.md has the measured differences). On CUDA the reduction and the contribution sums are
