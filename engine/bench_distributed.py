@@ -103,7 +103,8 @@ def run_distributed_bench(shape_name: str, device: torch.device, *, batch: int =
         with fast_kernels(model, adapter):
             for (k, one), real in spread(list(enumerate(micro))):
                 one = one.to(device)
-                loss = causal_lm_loss(model.lm_head, body(input_ids=one, use_cache=False).last_hidden_state, one)
+                loss = causal_lm_loss(model.lm_head, body(input_ids=one, use_cache=False).last_hidden_state, one,
+                                      backward_scale=1 / len(micro))
                 (loss / len(micro) if real else loss * 0.0).backward()
                 if slots is not None:
                     if real:

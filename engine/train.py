@@ -22,7 +22,7 @@ from .distributed import all_sum, any_rank, least, spread, world
 from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
 from .events import (Checkpoint, EvalMetrics, HeadRecovery, Notice, NullSink, PhaseChanged, Resumed, RunFailed,
                      Sink, StepMetrics)
 from .patch import save_patch
@@ -309,11 +309,11 @@ class SurgeryRun:
         apply_checkpointing(self.model, self.adapter, self.checkpoint_plan)
 
     def _checkpoint_plan(self) -> CheckpointPlan:
-        """Checkpointing for this pass from the memory free now, less the loss's logits chunk (fp32 logits and
-        their gradient) and the prefix cache's budget."""
+        """Checkpointing for this pass from the memory free now, less the loss's (engine.loss.peak_bytes) and the
+        prefix cache's budget."""
         c, a = self.config, self.adapter
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        reserve = 3 * c.loss_chunk_tokens * vocab * 4 + (self.prefix.budget if self.prefix else 0)
+        reserve = loss_peak_bytes(c.loss_chunk_tokens, vocab) + (self.prefix.budget if self.prefix else 0)
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
         return plan_checkpointing(c.checkpointing, n_layer=a.n_layer, lowest=min(self.plan.layers),
@@ -333,7 +333,8 @@ class SurgeryRun:
 
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = base_model(self.model)(input_ids=ids, use_cache=False).last_hidden_state
-        return causal_lm_loss(self.model.lm_head, hidden, ids, chunk_tokens=self.config.loss_chunk_tokens)
+        return causal_lm_loss(self.model.lm_head, hidden, ids, chunk_tokens=self.config.loss_chunk_tokens,
+                              backward_scale=1 / self.config.grad_accum)  # the backward below divides by it
 
     def _train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step over the step's blocks; in a distributed run over this rank's share of them,
