@@ -14,7 +14,7 @@ from .arch import BloomAdapter, adapter_for
 from .diagnosis import resolve_path, run_statistics
 from .fastpath import fast_kernels
 from .prefix_cache import PrefixCache
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
 from .surgery import SurgeryPlan, operate
 from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
 
@@ -156,7 +156,7 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
         free = int(budget_gib * GiB) - (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
     plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,
                               tokens=micro_tokens, dtype=next(model.parameters()).dtype, free=free,
-                              reserve=3 * chunk_tokens * model.lm_head.weight.shape[0] * 4)
+                              reserve=loss_peak_bytes(chunk_tokens, model.lm_head.weight.shape[0]))
     if plans is not None:
         plans.append(plan.to_dict())
     apply_checkpointing(model, adapter, plan)
@@ -172,8 +172,9 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
                 part = ids[start : start + size]
                 with cache.around(torch.arange(start, start + len(part))) if cache else contextlib.nullcontext():
                     hidden = body(input_ids=part, use_cache=False).last_hidden_state
-                loss = causal_lm_loss(model.lm_head, hidden, part, chunk_tokens=chunk_tokens)
-                (loss * (len(part) / len(ids))).backward()
+                share = len(part) / len(ids)
+                loss = causal_lm_loss(model.lm_head, hidden, part, chunk_tokens=chunk_tokens, backward_scale=share)
+                (loss * share).backward()
         torch.nn.utils.clip_grad_norm_(slices.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -211,19 +212,22 @@ def diagnosis_reference(model, ids_batches) -> None:
         torch.stack([a[..., 0].float().mean(dim=(0, 2)) for a in out.attentions])
 
 
-def time_diagnosis(fn, device, ids_batches, repeats: int = 3) -> dict:
-    """The fastest of `repeats` runs over the batches, after a warm-up (one run takes a fraction of a second on
-    a GPU, where a single one varies by a few percent): its time, tokens/s and peak memory."""
-    fn(ids_batches[:1])  # warm-up
-    runs = []
-    for _ in range(repeats):
-        out: dict = {}
-        with Meter(device).measure(out):
-            fn(ids_batches)
-        runs.append(out)
-    best = min(runs, key=lambda run: run["seconds"])
-    best["tokens_per_s"] = round(sum(x.numel() for x in ids_batches) / best["seconds"], 1)
-    return best
+def time_diagnoses(cases: dict, device, ids_batches, rounds: int = 5) -> dict:
+    """Each case's fastest of `rounds` runs over the batches, after a warm-up, its time, tokens/s and peak memory.
+    The cases take turns within every round, so a ratio of two compares runs made under the same conditions (a
+    run takes a fraction of a second on a GPU, whose clocks and host drift by several percent over a minute)."""
+    for fn in cases.values():
+        fn(ids_batches[:1])  # warm-up: compilation
+    runs: dict = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            out: dict = {}
+            with Meter(device).measure(out):
+                fn(ids_batches)
+            runs[name].append(out)
+    tokens = sum(x.numel() for x in ids_batches)
+    best = {name: min(r, key=lambda run: run["seconds"]) for name, r in runs.items()}
+    return {name: {**b, "tokens_per_s": round(tokens / b["seconds"], 1)} for name, b in best.items()}
 
 
 PARTS = ("surgery", "diagnosis")
@@ -234,7 +238,7 @@ def _ratio(a: dict, b: dict, key: str):
 
 
 def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq_len: int = 512, steps: int = 10,
-              warmup: int = 2, diag_batches: int = 6, parts: tuple[str, ...] = PARTS) -> dict:
+              warmup: int = 2, diag_batches: int = 12, parts: tuple[str, ...] = PARTS) -> dict:
     """Every case of `parts` (surgery, diagnosis) on one model of the shape, side by side."""
     from .runtime import resolve_device
 
@@ -263,11 +267,15 @@ def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, 
     placements = {"low": 0, "high": shape.n_layer - 1}
     surgery: dict = {"reference": {}, "ours": {}, "ours_eager": {}}
     # the frozen-prefix cache with targets at the bottom of the top third: a first epoch (no cache to read) and
-    # every later one (the prefix fed from the cache)
+    # every later one (the prefix fed from the cache), checkpointing chosen from the free memory as a run does
     third = [(2 * shape.n_layer // 3, h) for h in heads]
-    prefix = {"first_epoch": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa"), dev, ids, steps, warmup),
-              "later_epochs": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa", prefix_cache=True), dev,
-                                         ids, steps, max(warmup, 1))}
+    prefix_plans: list = []
+    prefix = {"first_epoch": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa", micro_tokens=ids.numel(),
+                                                            checkpointing="auto", plans=prefix_plans),
+                                        dev, ids, steps, warmup),
+              "later_epochs": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa", prefix_cache=True,
+                                                             micro_tokens=ids.numel(), checkpointing="auto",
+                                                             plans=prefix_plans), dev, ids, steps, max(warmup, 1))}
     # top-layer targets in every epoch after the first: all the frozen layers below fed from the prefix cache
     top = [(shape.n_layer - 1, h) for h in heads]
     prefix["top_layer_later_epochs"] = time_steps(lambda: our_step_fn(model, adapter, top, "sdpa", prefix_cache=True),
@@ -312,6 +320,7 @@ def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, 
                                     "goals": {"low": 2.0, "high": 4.0, "high_later_epochs": 4.0}},
         "card_16gb": card,
         "prefix_cache": {**prefix, "target_layer": third[0][0],
+                         "plans": dict(zip(("first_epoch", "later_epochs"), prefix_plans)),
                          "later_vs_first": _ratio(prefix["later_epochs"], prefix["first_epoch"], "tokens_per_s"),
                          "goal": 3.0,
                          "top_layer_later_vs_reference": _ratio(prefix["top_layer_later_epochs"],
@@ -332,18 +341,19 @@ def _diagnosis_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int
             for b in bs:
                 model.transformer(input_ids=b, use_cache=False)
 
-    diagnosis = {"reference": time_diagnosis(lambda bs: diagnosis_reference(model, bs), dev, batches),
-                 "ours": time_diagnosis(ours_diag, dev, batches),
-                 "ours_scores": (time_diagnosis(lambda bs: ours_diag(bs, path="scores"), dev, batches)
-                                 if dev.type == "cuda" else {}),
-                 "ours_eager_probabilities": time_diagnosis(lambda bs: ours_diag(bs, path="eager"), dev, batches),
-                 "plain_sdpa_forward": time_diagnosis(plain_forward, dev, batches)}
+    cases = {"reference": lambda bs: diagnosis_reference(model, bs), "ours": ours_diag,
+             "ours_scores": lambda bs: ours_diag(bs, path="scores"),  # the GPU's fallback without the kernel
+             "ours_eager_probabilities": lambda bs: ours_diag(bs, path="eager"), "plain_sdpa_forward": plain_forward}
+    if dev.type != "cuda":
+        del cases["ours_scores"]
+    diagnosis = time_diagnoses(cases, dev, batches)
+    diagnosis.setdefault("ours_scores", {})
     # Depth scaling: the same diagnosis through the first half of the layers only.
     full_layers, half = model.transformer.h, shape.n_layer // 2
     model.transformer.h = full_layers[:half]
     try:
         half_adapter = BloomAdapter(half, adapter.n_head, adapter.hidden_size)
-        diagnosis["ours_half_depth"] = time_diagnosis(lambda bs: ours_diag(bs, half_adapter), dev, batches)
+        diagnosis.update(time_diagnoses({"ours_half_depth": lambda bs: ours_diag(bs, half_adapter)}, dev, batches))
     finally:
         model.transformer.h = full_layers
 
@@ -394,7 +404,8 @@ def _print_surgery(result: dict, console) -> None:
                   f"tok/s (goal {c['budget_gib']:g} GiB reserved: {verdict})")
     p = result["prefix_cache"]
     met = "met" if (p["later_vs_first"] or 0) >= p["goal"] else "missed"
-    console.print(f"frozen-prefix cache, targets in layer {p['target_layer']}: later epochs "
+    console.print(f"frozen-prefix cache, targets in layer {p['target_layer']} (checkpointing "
+                  f"{p['plans']['first_epoch']['mode']} / {p['plans']['later_epochs']['mode']}): later epochs "
                   f"{p['later_epochs']['tokens_per_s']:,.0f} tok/s vs first {p['first_epoch']['tokens_per_s']:,.0f} "
                   f"({p['later_vs_first']}x; goal {p['goal']:g}x: {met}); top-layer targets in later epochs "
                   f"{p['top_layer_later_epochs']['tokens_per_s']:,.0f} tok/s, {p['top_layer_later_vs_reference']}x the "

@@ -513,7 +513,7 @@ def cmd_bench(args) -> int:
         raise InputError("--baseline compares runs over several processes: give --nproc N as well")
     with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
         result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
-                           warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 6,
+                           warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 12,
                            parts=(args.only,) if args.only else PARTS)
     print_bench(result, console)
     if args.json:

@@ -108,6 +108,8 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path, capsys):
     prefix = result["prefix_cache"]
     assert prefix["first_epoch"]["tokens_per_s"] > 0 and prefix["later_epochs"]["tokens_per_s"] > 0
     assert prefix["later_vs_first"] > 0 and "frozen-prefix cache" in done.stdout
+    assert {plan["asked"] for plan in prefix["plans"].values()} == {"auto"} and set(prefix["plans"]) == {
+        "first_epoch", "later_epochs"}
     assert prefix["top_layer_later_epochs"]["tokens_per_s"] > 0 and prefix["top_layer_later_vs_reference"] > 0
     auto = result["checkpointing_auto_8gib"]
     assert set(auto["plans"]) == set(auto["vs_reference"]) == {"low", "high", "high_later_epochs"}
