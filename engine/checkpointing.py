@@ -20,8 +20,9 @@ from .errors import InputError
 MODES = ("auto", "full", "selective", "none")
 # what one layer keeps for backward per token without checkpointing, in values of the model's dtype: the two
 # LayerNorms' inputs, the attention's q, k, v and output, the GeLU's input (4 x hidden), and the casts around
-# them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken); a margin
-# over what the H200 bench measures (docs/benchmarks.md)
+# them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken). The H200
+# bench measures 9 on BLOOM's SDPA path (docs/benchmarks.md); the margin covers the eager attention path and
+# the other families, which were not measured
 VALUES_PER_TOKEN_LAYER = 20
 SAFETY = 0.8  # of the free memory, the share the kept activations may take
 

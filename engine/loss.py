@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,11 @@ def _compiled():
     return torch.compile(loss_and_input_gradient, dynamic=True)
 
 
-def peak_bytes(chunk_tokens: int, vocab: int) -> int:
-    """The most memory `causal_lm_loss` holds at once with a frozen head, as checkpointing plans reserve it: a
-    chunk's fp32 logits and one more tensor their size (their softmax's shift on the CPU; compiled on CUDA, the
-    bf16 logits and their bf16 gradient fit in the same)."""
-    return 2 * chunk_tokens * vocab * 4
+def _chunk_function(device_type: str):
+    """`loss_and_input_gradient`, compiled on CUDA where Triton (which Inductor's kernels need) is installed."""
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return _compiled()
+    return loss_and_input_gradient
 
 
 class _LossWithEarlyGradient(torch.autograd.Function):
@@ -51,8 +52,7 @@ class _LossWithEarlyGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, labels, expected, weight, bias):  # noqa: D102 - autograd.Function protocol
-        fn = _compiled() if hidden.device.type == "cuda" else loss_and_input_gradient
-        loss, grad = fn(hidden, weight, bias, labels, expected)
+        loss, grad = _chunk_function(hidden.device.type)(hidden, weight, bias, labels, expected)
         ctx.save_for_backward(grad, expected)
         return loss
 

@@ -95,3 +95,12 @@ def test_no_gradient_mode_computes_the_loss_only():
         loss = causal_lm_loss(head, hidden, ids, mask, chunk_tokens=16)
     assert not loss.requires_grad and len(calls) == 4
     assert torch.equal(loss, _checkpointed(head, hidden, ids, mask, 16, 1.0)[0])
+
+
+def test_the_chunk_function_is_compiled_on_cuda_only_where_triton_is(monkeypatch):
+    assert engine.loss._chunk_function("cpu") is engine.loss.loss_and_input_gradient
+    if engine.loss.importlib.util.find_spec("triton") is not None:  # the dev extra installs it on Linux
+        assert engine.loss._chunk_function("cuda") is engine.loss._compiled()  # compiled lazily, at its first call
+        assert engine.loss._chunk_function("cuda") is not engine.loss.loss_and_input_gradient
+    monkeypatch.setattr(engine.loss.importlib.util, "find_spec", lambda name: None)
+    assert engine.loss._chunk_function("cuda") is engine.loss.loss_and_input_gradient
