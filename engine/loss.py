@@ -44,6 +44,13 @@ def _chunk_function(device_type: str):
     return loss_and_input_gradient
 
 
+def peak_bytes(chunk_tokens: int, vocab: int) -> int:
+    """The most memory `causal_lm_loss` holds at once with a frozen head, as checkpointing plans reserve it: a
+    chunk's fp32 logits and one more tensor their size (their softmax's shift on the CPU; compiled on CUDA, the
+    bf16 logits and their bf16 gradient fit in the same)."""
+    return 2 * chunk_tokens * vocab * 4
+
+
 class _LossWithEarlyGradient(torch.autograd.Function):
     """A chunk's summed cross-entropy whose gradient with respect to its hidden states is taken in the forward
     pass, while its logits exist, for the upstream gradient `expected`. Backward only rescales it to the upstream
