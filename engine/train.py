@@ -312,8 +312,7 @@ class SurgeryRun:
         """Checkpointing for this pass from the memory free now, less the loss's (engine.loss.peak_bytes) and the
         prefix cache's budget."""
         c, a = self.config, self.adapter
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        reserve = loss_peak_bytes(c.loss_chunk_tokens, vocab) + (self.prefix.budget if self.prefix else 0)
+        reserve = loss_peak_bytes(self.model.lm_head, c.loss_chunk_tokens) + (self.prefix.budget if self.prefix else 0)
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
         return plan_checkpointing(c.checkpointing, n_layer=a.n_layer, lowest=min(self.plan.layers),

@@ -116,3 +116,15 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path, capsys):
     assert all(plan["asked"] == "auto" for plan in auto["plans"].values()) and "checkpointing auto for 8" in done.stdout
     card = result["card_16gb"]
     assert card["plan"]["asked"] == "auto" and card["tokens_per_s"] > 0 and "16 GB card" in done.stdout
+
+
+def test_diagnosis_cases_take_turns_and_goals_are_judged_unrounded():
+    from engine.bench import _meets, time_diagnoses
+
+    order = []
+    cases = {name: (lambda bs, name=name: order.append(name)) for name in "abc"}
+    result = time_diagnoses(cases, torch.device("cpu"), [torch.zeros(2, 4, dtype=torch.long)], rounds=3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rounds
+    assert set(result) == set("abc") and all(r["tokens_per_s"] > 0 for r in result.values())
+    assert not _meets({"tokens_per_s": 0.8996}, {"tokens_per_s": 1.0}, 0.9)  # shown as 0.90, yet missed
+    assert _meets({"tokens_per_s": 0.9}, {"tokens_per_s": 1.0}, 0.9) and not _meets({}, {"tokens_per_s": 1.0}, 0.9)

@@ -11,11 +11,13 @@ from engine.loss import causal_lm_loss
 VOCAB, HIDDEN = 300, 24
 
 
-def _case(dtype):
+def _case(dtype, bias=False):
     gen = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).to(dtype).requires_grad_(False)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=bias).to(dtype).requires_grad_(False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(VOCAB, HIDDEN, generator=gen))
+        if bias:
+            head.bias.copy_(torch.randn(VOCAB, generator=gen))
     hidden = torch.randn(3, 21, HIDDEN, generator=gen).to(dtype).requires_grad_()
     ids = torch.randint(0, VOCAB, (3, 21), generator=gen)
     mask = torch.ones_like(ids)
@@ -51,16 +53,24 @@ def _close(a, b, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("accumulation", [1, 3, 8])
-def test_early_gradient_equals_the_checkpointed_chunks(dtype, accumulation, monkeypatch):
-    head, hidden, ids, mask = _case(dtype)
+@pytest.mark.parametrize("bias", [False, True])
+def test_early_gradient_equals_the_checkpointed_chunks(dtype, accumulation, bias, monkeypatch):
+    head, hidden, ids, mask = _case(dtype, bias)
     fused, calls = engine.loss.loss_and_input_gradient, _calls(head)
-    passes = []
-    monkeypatch.setattr(engine.loss, "loss_and_input_gradient", lambda *a: passes.append(1) or fused(*a))
+    kept = []  # each chunk's gradient as the forward pass took it
+
+    def counted(*args):
+        kept.append(fused(*args))
+        return kept[-1]
+
+    monkeypatch.setattr(engine.loss, "loss_and_input_gradient", counted)
     loss = causal_lm_loss(head, hidden, ids, mask, chunk_tokens=16, backward_scale=1 / accumulation)
-    (grad,) = torch.autograd.grad(loss / accumulation, hidden)
-    assert len(passes) == -(-3 * 20 // 16) and not calls  # each chunk's logits once, none in backward
+    (grad,) = torch.autograd.grad(loss / accumulation, hidden)  # as the training loop calls it
+    assert len(kept) == -(-3 * 20 // 16) and not calls  # each chunk's logits once, none in backward
+    # the announced scale is the upstream gradient that arrives: backward passes the kept gradient on unchanged
+    assert torch.equal(grad[:, :-1].reshape(-1, HIDDEN), torch.cat([g for _, g in kept]))
     ref_loss, ref_grad = _checkpointed(head, hidden, ids, mask, 16, 1 / accumulation)
-    assert len(calls) == 2 * len(passes)  # the reference: the head in forward, again in backward
+    assert len(calls) == 2 * len(kept)  # the reference: the head in forward, again in backward
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     assert _close(grad, ref_grad, dtype)
     assert grad[2, 14:].abs().max() == 0 and grad[2, :14].abs().max() > 0  # padded labels give no gradient
@@ -74,6 +84,37 @@ def test_an_unexpected_upstream_factor_is_rescaled():
     assert _close(grad, ref_grad, torch.float32)
     (zero,) = torch.autograd.grad(loss * 0.0, hidden)  # a distributed run's filler micro-batch
     assert zero.abs().max() == 0
+
+
+def test_the_compiled_form_computes_what_the_in_place_one_does():
+    """The functional one-hot that compilation takes (traced here through dynamo and AOT autograd, whose kernels
+    run as they are; the CUDA runs compile it with Inductor) against the in-place one, with a bias and a last
+    chunk of one token."""
+    head, hidden, ids, _ = _case(torch.float32, bias=True)
+    traced = torch.compile(engine.loss.loss_and_input_gradient, backend="aot_eager", dynamic=True)
+    labels = ids[:, 1:].reshape(-1).clone()
+    labels[5] = -100
+    h = hidden.detach()[:, :-1].reshape(-1, HIDDEN)
+    for rows in (slice(0, 16), slice(59, 60)):
+        args = (h[rows], head.weight, head.bias, labels[rows], torch.tensor(0.125))
+        (loss, grad), (ref_loss, ref_grad) = traced(*args), engine.loss.loss_and_input_gradient(*args)
+        assert torch.allclose(loss, ref_loss, rtol=1e-6) and torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-9)
+    _, ignored = traced(h[5:6], head.weight, head.bias, labels[5:6], torch.tensor(1.0))  # its label is -100
+    assert grad.abs().max() > 0 and ignored.abs().max() == 0
+
+
+def test_a_filler_factor_of_zero_gives_a_zero_gradient():
+    head, hidden, ids, mask = _case(torch.float32)
+    loss = causal_lm_loss(head, hidden, ids, mask, chunk_tokens=16, backward_scale=0.0)
+    (grad,) = torch.autograd.grad(loss * 0.0, hidden, retain_graph=True)
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0  # not 0 / 0
+
+
+def test_the_loss_reserve_follows_the_path():
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False)
+    assert engine.loss.peak_bytes(head, 1024) == 2 * 1024 * VOCAB * 4
+    head.weight.requires_grad_(True)
+    assert engine.loss.peak_bytes(head, 1024) == int(3.5 * 1024 * VOCAB * 4)
 
 
 def test_a_trainable_head_gets_its_gradient():

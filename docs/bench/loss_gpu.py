@@ -5,10 +5,10 @@ OUT=DIR python3 docs/bench/loss_gpu.py [SHAPE [CASE,CASE...]]
 On a random-weight model of the shape (default bloom-1b7; bf16, B=8 x L=512, band heads): the loss, the
 hidden states' gradient (largest and relative differences) and the memory peak of both for one batch, beside
 what checkpointing plans reserve for the loss (engine.loss.peak_bytes), then our surgery step
-(engine.bench.our_step_fn) with each loss in turn, two rounds, the faster of each kept: targets at layer 2n/3
-in a first and a later epoch (the frozen-prefix cache), full or no checkpointing; layer-0 targets, full and
-auto for 8 GiB; top-layer targets in later epochs; and the 16 GB card's micro-batch 1 x 8 with loss chunks of
-256 tokens. Writes loss_gpu_SHAPE.json into OUT."""
+(engine.bench.our_step_fn) with the two losses taking turns on each case, two rounds, the faster kept:
+targets at layer 2n/3 in a first and a later epoch (the frozen-prefix cache), full or no checkpointing;
+layer-0 targets, full and auto for 8 GiB; top-layer targets in later epochs; and the 16 GB card's
+micro-batch 1 x 8 with loss chunks of 256 tokens. Writes loss_gpu_SHAPE.json into OUT."""
 
 import json
 import os
@@ -75,7 +75,7 @@ def main() -> None:
         (grads[name],) = torch.autograd.grad(value / 8, hidden)
         result["numerics"][f"{name}_loss"] = float(value.detach())
         result["numerics"][f"{name}_peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
-    result["numerics"]["peak_bytes_reserved_gib"] = round(early.peak_bytes(1024, shape.vocab) / 2**30, 3)
+    result["numerics"]["peak_bytes_reserved_gib"] = round(early.peak_bytes(model.lm_head, 1024) / 2**30, 3)
     a, b = grads["early"].float(), grads["checkpointed"].float()
     result["numerics"].update(grad_max_abs_diff=float((a - b).abs().max()), grad_max_abs=float(b.abs().max()),
                               grad_relative_l2=float((a - b).norm() / b.norm()))
@@ -83,9 +83,9 @@ def main() -> None:
 
     runs: dict = {}
     for _ in range(2):
-        for name, loss in LOSSES.items():
-            bench.causal_lm_loss = loss
-            for case, make in cases.items():
+        for case, make in cases.items():
+            for name, loss in LOSSES.items():  # the two losses take turns on each case
+                bench.causal_lm_loss = loss
                 r = bench.time_steps(make, dev, ids, 10, 2)
                 runs.setdefault(case, {}).setdefault(name, []).append(r)
                 print(case, name, r["tokens_per_s"], r.get("peak_gib"), flush=True)
