@@ -40,14 +40,17 @@ def loss_and_input_gradient(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 
 @functools.cache
 def _compiled():
+    """`loss_and_input_gradient` compiled for CUDA, or None where Triton (which Inductor's kernels need) is not
+    installed; looked up once a process, not once a chunk."""
+    if importlib.util.find_spec("triton") is None:
+        return None
     return torch.compile(loss_and_input_gradient, dynamic=True)
 
 
 def _chunk_function(device_type: str):
-    """`loss_and_input_gradient`, compiled on CUDA where Triton (which Inductor's kernels need) is installed."""
-    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return _compiled()
-    return loss_and_input_gradient
+    """`loss_and_input_gradient`, compiled on CUDA where it can be, as it is elsewhere."""
+    compiled = _compiled() if device_type == "cuda" else None
+    return compiled or loss_and_input_gradient
 
 
 def takes_early_gradient(lm_head: torch.nn.Module) -> bool:
