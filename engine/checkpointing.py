@@ -4,8 +4,10 @@ Only the layers from the lowest target up keep anything for backward (below it n
 Without checkpointing each of them keeps its activations for the whole step; with it, a layer keeps only its
 input and computes the rest again in backward, which costs about one more forward of those layers.
 `auto` keeps as many layers' activations as the free memory holds (the top ones, nearest the loss) and
-checkpoints the rest: none when all fit, full when none does, selective in between. The other modes are
-what they say. The numbers never change: a recomputed layer computes what it computed the first time.
+checkpoints the rest: none when all fit, full when none does, selective in between. What a layer keeps is
+measured by one probing forward (`engine.saved_memory`) where the caller gives it, else estimated per token.
+The other modes are what they say. The numbers never change: a recomputed layer computes what it computed
+the first time.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import InputError
+from .saved_memory import SavedBytes
 
 MODES = ("auto", "full", "selective", "none")
 # what one layer keeps for backward per token without checkpointing, in values of the model's dtype: the two
 # LayerNorms' inputs, the attention's q, k, v and output, the GeLU's input (4 x hidden), and the casts around
 # them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken). The H200
 # bench measures 9 on BLOOM's SDPA path (docs/benchmarks.md); the margin covers the eager attention path and
-# the other families, which were not measured
+# the other families, which were not measured. Plans use it only where no measurement is given
 VALUES_PER_TOKEN_LAYER = 20
 SAFETY = 0.8  # of the free memory, the share the kept activations may take
 
@@ -34,8 +37,10 @@ class CheckpointPlan:
     mode: str  # full | selective | none (what ran; `auto` resolves to one of these)
     checkpointed: list[int]  # the layers that recompute
     asked: str = "auto"
-    layer_gib: float | None = None  # the estimate per kept layer
+    layer_gib: float | None = None  # what the largest kept layer keeps
     free_gib: float | None = None  # the memory it was chosen from
+    estimate: str = "formula"  # measured (a probing forward) | formula (VALUES_PER_TOKEN_LAYER)
+    kept_gib: float | None = None  # what the plan's layers keep for backward in all (kept, inputs, shared)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,20 +67,38 @@ def layer_bytes(hidden: int, tokens: int, dtype: torch.dtype) -> int:
 
 
 def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tokens: int, dtype: torch.dtype,
-                       free: int, reserve: int = 0) -> CheckpointPlan:
+                       free: int, reserve: int = 0, saved: SavedBytes | None = None) -> CheckpointPlan:
     """The plan for layers lowest..n_layer-1 trained with micro-batches of `tokens` tokens, given `free` bytes
-    of which `reserve` are spoken for (the loss's logits chunk, the prefix cache)."""
+    of which `reserve` are spoken for (the loss's logits chunk, the prefix cache). `saved`: what each layer
+    keeps, measured (`engine.saved_memory`) in sequences of the micro-batch's length; without it a layer is
+    estimated at VALUES_PER_TOKEN_LAYER values a token."""
     if mode not in MODES:
         raise InputError(f"checkpointing must be one of {', '.join(MODES)} (got {mode!r})")
     span = list(range(lowest, n_layer))
-    per_layer = layer_bytes(hidden, tokens, dtype)
-    room = max(0.0, SAFETY * (free - reserve))
-    keep = len(span) if mode == "none" else 0 if mode == "full" else min(len(span), int(room // max(per_layer, 1)))
-    if mode == "selective":
-        keep = min(keep, len(span) - 1)  # selective recomputes at least one layer
-    checkpointed = span[: len(span) - keep]  # the top layers keep theirs
+    element = torch.empty((), dtype=dtype).element_size()
+    recomputed = hidden * tokens * element  # what a checkpointed layer keeps: its input
+    if saved is not None:
+        measured = saved.for_tokens(tokens)
+        kept = [measured.per_layer[layer] for layer in span]
+        always = measured.shared + measured.outside  # the shared bias, the final norm's input: kept in every plan
+    else:
+        kept, always = [layer_bytes(hidden, tokens, dtype)] * len(span), 0
+    room = SAFETY * (free - reserve)
+
+    def need(k: int) -> int:  # the top k layers keep theirs, the others their inputs
+        return always + sum(kept[len(span) - k:]) + (len(span) - k) * recomputed
+
+    if mode == "none":
+        keep = len(span)
+    elif mode == "full":
+        keep = 0
+    else:
+        limit = len(span) - 1 if mode == "selective" else len(span)  # selective recomputes at least one layer
+        keep = max((k for k in range(limit + 1) if need(k) <= room), default=0)
+    checkpointed = span[: len(span) - keep]
     resolved = "full" if len(checkpointed) == len(span) else "none" if not checkpointed else "selective"
-    return CheckpointPlan(resolved, checkpointed, mode, round(per_layer / 2**30, 4), round(free / 2**30, 2))
+    return CheckpointPlan(resolved, checkpointed, mode, round(max(kept, default=0) / 2**30, 4), round(free / 2**30, 2),
+                          "formula" if saved is None else "measured", round(need(keep) / 2**30, 4))
 
 
 def enable_checkpointing(model) -> None:

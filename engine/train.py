@@ -18,7 +18,7 @@ from .checkpointing import MODES as CHECKPOINT_MODES
 from .checkpointing import CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
-from .distributed import all_sum, any_rank, least, spread, world
+from .distributed import all_sum, any_rank, broadcast, least, spread, world
 from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
@@ -30,6 +30,7 @@ from .recipe import SLICE_DTYPE_NAMES
 from .report import HeadReport
 from .surgery import HeadSlices, SurgeryPlan, operate
 from .prefix_cache import PrefixCache
+from .saved_memory import SavedBytes, measure_saved_bytes
 from .tracked import TrackedSet
 
 STATE_FILE = "state.safetensors"
@@ -315,11 +316,16 @@ class SurgeryRun:
         reserve = loss_peak_bytes(self.model.lm_head, c.loss_chunk_tokens) + (self.prefix.budget if self.prefix else 0)
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
+        saved = None
+        if c.checkpointing in ("auto", "selective"):  # what a layer keeps, measured on one training block
+            with self._fast():
+                saved = measure_saved_bytes(self.model, self.adapter, self.corpus.train[:1].to(self.device))
+            saved = SavedBytes.from_dict(broadcast(saved.to_dict()))  # every rank the same plan
         return plan_checkpointing(c.checkpointing, n_layer=a.n_layer, lowest=min(self.plan.layers),
                                   hidden=a.hidden_size, tokens=c.micro_batch * c.seq_len,
                                   dtype=next(self.model.parameters()).dtype,
                                   free=int(least(free_bytes(self.device))),  # every rank the same plan
-                                  reserve=reserve)
+                                  reserve=reserve, saved=saved)
 
     def _teardown(self) -> None:
         if self.checkpoint_plan is not None and self.checkpoint_plan.checkpointed:

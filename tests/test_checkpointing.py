@@ -8,30 +8,119 @@ import pytest
 import torch
 
 from engine.arch import adapter_for
+from engine.arch import base_model
 from engine.checkpointing import apply_checkpointing, layer_bytes, plan_checkpointing
+from engine.fastpath import fast_kernels
+from engine.saved_memory import LayerBytes, SavedBytes, measure_saved_bytes
+from engine.surgery import SurgeryPlan, operate
 from engine.errors import InputError
 from engine.patch import load_patch
 from engine.prompts import builtin_prompts
 from engine.train import TrainConfig
 from engine.workflow import JobInputs
-from helpers import run_in_process, tiny_model
+from helpers import run_in_process, tiny_family_model, tiny_model
 
-GiB = 2**30
+GiB, MiB = 2**30, 2**20
 
 
-def _plan(mode: str, free: int, lowest: int = 4):
+def _plan(mode: str, free: int, lowest: int = 4, saved: SavedBytes | None = None):
     return plan_checkpointing(mode, n_layer=24, lowest=lowest, hidden=2048, tokens=4096, dtype=torch.bfloat16,
-                              free=free)
+                              free=free, saved=saved)
 
 
 def test_auto_keeps_as_many_top_layers_as_free_memory_holds():
     per_layer = layer_bytes(2048, 4096, torch.bfloat16)
     assert per_layer == 20 * 2048 * 4096 * 2
+    inputs = 2048 * 4096 * 2  # what a checkpointed layer keeps: its input
     assert _plan("auto", 100 * GiB).mode == "none" and _plan("auto", 100 * GiB).checkpointed == []
     assert _plan("auto", 0).mode == "full" and _plan("auto", 0).checkpointed == list(range(4, 24))
-    five = _plan("auto", int(5 * per_layer / 0.8) + 1)  # room for five layers' activations
+    room = 5 * per_layer + 15 * inputs  # five layers' activations, the other fifteen's inputs
+    five = _plan("auto", int(room / 0.8) + 1)
     assert five.mode == "selective" and five.checkpointed == list(range(4, 19))  # the top five keep theirs
-    assert five.asked == "auto" and five.layer_gib == round(per_layer / GiB, 4)
+    assert five.asked == "auto" and five.layer_gib == round(per_layer / GiB, 4) and five.estimate == "formula"
+    assert five.kept_gib == round(room / GiB, 4)
+    assert _plan("auto", int(room / 0.8) - inputs).checkpointed == list(range(4, 20))  # a byte short of five
+
+
+def test_a_measured_plan_keeps_what_fits_of_each_layers_own_bytes():
+    # measured for one 512-token sequence and for two; the plan is for micro-batches of 8 sequences (4096 tokens)
+    one = LayerBytes([0] * 4 + [100 * MiB] * 19 + [170 * MiB], shared=8 * MiB, outside=4 * MiB)
+    two = LayerBytes([0] * 4 + [200 * MiB] * 19 + [330 * MiB], shared=16 * MiB, outside=8 * MiB)
+    saved = SavedBytes(one, two, seq_len=512)  # the top layer holds a target: 10 MiB of slices, whatever the batch
+    eight = saved.for_tokens(4096)
+    assert eight.per_layer[23] == 10 * MiB + 8 * 160 * MiB and eight.per_layer[4] == 800 * MiB
+    assert eight.shared == 64 * MiB and eight.outside == 32 * MiB and eight.per_layer[3] == 0
+    inputs = 2048 * 4096 * 2  # what a checkpointed layer keeps: its input
+    always = eight.shared + eight.outside
+    room = always + eight.per_layer[23] + 800 * MiB + 18 * inputs  # the top two layers, the other 18's inputs
+    plan = _plan("auto", int(room / 0.8) + 1, saved=saved)
+    assert plan.estimate == "measured" and plan.checkpointed == list(range(4, 22)) and plan.mode == "selective"
+    assert plan.layer_gib == round(eight.per_layer[23] / GiB, 4) and plan.kept_gib == round(room / GiB, 4)
+    assert _plan("auto", int((room - inputs) / 0.8), saved=saved).checkpointed == list(range(4, 23))
+    assert _plan("auto", 100 * GiB, saved=saved).mode == "none"
+    assert _plan("selective", 100 * GiB, saved=saved).checkpointed == [4]
+    # the shared and outside bytes are kept whatever the plan: without room for them too, everything recomputes
+    assert _plan("auto", int((always + 20 * inputs - 1) / 0.8), saved=saved).mode == "full"
+    assert SavedBytes.from_dict(saved.to_dict()) == saved
+
+
+def _graph_saved_bytes(model, ids) -> int:
+    """An independent count of what one forward keeps for backward: the autograd graph walked from the output,
+    every node's saved tensors read back, one count per storage, parameters and buffers left out."""
+    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    out = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
+    storages, stack, visited = {}, [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        values = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        values += list(getattr(node, "saved_tensors", ()))  # a custom autograd.Function's (BLOOM's eager GeLU)
+        for value in values:
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack += [next_node for next_node, _ in node.next_functions]
+    return sum(size for key, size in storages.items() if key not in held)
+
+
+@pytest.mark.parametrize("family,fast", [("bloom", True), ("bloom", False), ("mpt", True), ("falcon", True)])
+def test_measured_bytes_equal_what_the_autograd_graph_keeps(family, fast):
+    model = tiny_family_model(family, n_layer=4)
+    adapter = adapter_for(model)
+    operate(model, adapter, SurgeryPlan([(1, 0), (1, 2), (3, 1)]))
+    ids = torch.randint(0, 100, (1, 16))
+    with fast_kernels(model, adapter, fast):
+        saved = measure_saved_bytes(model, adapter, ids[:1])
+        model.train()
+        one, two = _graph_saved_bytes(model, ids[:1]), _graph_saved_bytes(model, torch.cat([ids[:1], ids[:1]]))
+    assert saved.seq_len == 16 and saved.one.total() == one and saved.two.total() == two
+    for measured in (saved.one, saved.two):
+        assert measured.per_layer[0] == 0 and all(b > 0 for b in measured.per_layer[1:])  # below the lowest: nothing
+        assert measured.per_layer[3] > measured.per_layer[2]  # a target layer keeps its slices' inputs too
+        assert measured.outside > 0  # the final norm's input
+    # a non-target layer's activations grow with the batch, nothing else: two sequences keep twice as much
+    assert saved.two.per_layer[2] == 2 * saved.one.per_layer[2]
+    with fast_kernels(model, adapter, fast):
+        model.train()
+        four = _graph_saved_bytes(model, ids[:1].repeat(4, 1))
+    assert saved.for_tokens(4 * 16).total() == four  # the line through one and two sequences, at four
+
+
+def test_the_probe_leaves_the_random_state_and_the_mode_as_they_were():
+    model = tiny_model(n_layer=2)
+    model.config.hidden_dropout = 0.5
+    for block in model.transformer.h:
+        block.hidden_dropout = 0.5
+    adapter = adapter_for(model)
+    operate(model, adapter, SurgeryPlan([(0, 1)]))
+    model.eval()
+    block = torch.randint(0, 100, (1, 16))
+    state = torch.get_rng_state()
+    saved = measure_saved_bytes(model, adapter, block)
+    assert torch.equal(torch.get_rng_state(), state) and not model.training
+    assert saved.one.per_layer[0] > 0
 
 
 def test_explicit_modes_are_what_they_say_and_a_bad_one_is_refused():
@@ -65,9 +154,22 @@ def test_selective_switches_only_the_planned_layers():
 def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_dir, tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(builtin_prompts() * 4))
-    # auto on a machine with room for one layer's activations: selective
-    monkeypatch.setattr("engine.train.free_bytes", lambda device: int(1.5 * layer_bytes(32, 32, torch.float32) / 0.8)
-                        + 2 * 1024 * 320 * 4)  # the loss's reserve: 2 fp32 chunks of logits
+    # auto on a machine with room for the top layer's activations as measured, and the others' inputs: selective
+    measured = []
+
+    def spy(*args):
+        measured.append(measure_saved_bytes(*args))
+        return measured[-1]
+
+    def free(device):
+        if not measured:  # full and none measure nothing
+            return 100 * GiB
+        kept = measured[-1].for_tokens(32)  # micro-batches of one 32-token block
+        room = kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4  # + layers 0 and 1's inputs
+        return int(room / 0.8) + 1 + 2 * 1024 * 320 * 4  # the loss's reserve: 2 fp32 chunks of logits
+
+    monkeypatch.setattr("engine.train.measure_saved_bytes", spy)
+    monkeypatch.setattr("engine.train.free_bytes", free)
     patches, ran = {}, {}
     for mode in ("full", "auto", "none"):
         out = tmp_path / mode
@@ -79,7 +181,9 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
         patches[mode] = load_patch(out / "patch.safetensors")[0]
         ran[mode] = json.loads((out / "report.json").read_text())["passes"][0]["checkpointing"]
     assert ran["full"]["checkpointed"] == [0, 1, 2] and ran["none"]["checkpointed"] == []
-    assert ran["auto"] == {**ran["auto"], "mode": "selective", "asked": "auto", "checkpointed": [0, 1]}
+    assert ran["auto"] == {**ran["auto"], "mode": "selective", "asked": "auto", "checkpointed": [0, 1],
+                           "estimate": "measured"}
+    assert ran["full"]["estimate"] == ran["none"]["estimate"] == "formula" and len(measured) == 1  # auto only
     for mode in ("auto", "none"):
         assert all(torch.equal(patches["full"][k], patches[mode][k]) for k in patches["full"]), mode
 

@@ -28,6 +28,7 @@ def _run(planted_dir, corpus, out, micro_batch=1, **kw):
     job = JobInputs(targets="2.1,2.3", corpus=str(corpus), epochs=3, seq_len=32, grad_accum=2, lr=1e-2, completions=0,
                     eval_blocks=2, eval_every=1000, track_blocks=2, micro_batch=micro_batch).build_job(loaded.adapter)
     job.evaluation.ablation_blocks = 2
+    job.train.checkpointing = "none"  # auto's memory probe (engine.saved_memory) would add its forwards to the count
     for name, value in kw.items():
         setattr(job.train, name, value)
     calls = {"n": 0}
