@@ -14,6 +14,7 @@ from .arch import BloomAdapter, adapter_for
 from .diagnosis import resolve_path, run_statistics
 from .fastpath import fast_kernels
 from .prefix_cache import PrefixCache
+from .saved_memory import measure_saved_bytes
 from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
 from .surgery import SurgeryPlan, operate
 from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
@@ -138,14 +139,14 @@ def reference_step_fn(model, adapter, targets):
 
 
 def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = False, *, micro_batch: int | None = None,
-                micro_tokens: int = 8 * 512, checkpointing: str = "full", budget_gib: float | None = None,
-                plans: list | None = None, chunk_tokens: int = 1024):
+                micro_tokens: int = 8 * 512, seq_len: int = 512, checkpointing: str = "full",
+                budget_gib: float | None = None, plans: list | None = None, chunk_tokens: int = 1024):
     """Our path: slice parameters only, chunked cross-entropy, backward stopping at the lowest target layer,
     SDPA attention (or eager, to separate the kernel's share). With `prefix_cache` the frozen layers below the
     lowest target are kept on the first (warm-up) step and fed afterwards, as in a second epoch. `micro_batch`:
     the step's blocks in micro-batches of that many (accumulated), as the paper's recipe runs them.
-    `checkpointing` as the training loop plans it (engine.checkpointing) for micro-batches of `micro_tokens`,
-    from the free memory, or from `budget_gib` less what is allocated (a smaller card); the plan is appended to
+    `checkpointing` as the training loop plans it (engine.checkpointing) for micro-batches of `micro_tokens`
+    in sequences of `seq_len` (auto and selective measure what a layer keeps), from the free memory, or from `budget_gib` less what is allocated (a smaller card); the plan is appended to
     `plans`."""
     slices = operate(model, adapter, SurgeryPlan(targets))
     lowest = min(l for l, _ in targets)
@@ -154,9 +155,13 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
         free = free_bytes(device)
     else:
         free = int(budget_gib * GiB) - (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+    saved = None
+    if checkpointing in ("auto", "selective"):  # what a layer keeps, measured on one block, as a run does
+        with fast_kernels(model, adapter, attention == "sdpa"):
+            saved = measure_saved_bytes(model, adapter, random_ids(model.config.vocab_size, 1, seq_len, device, 0))
     plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,
                               tokens=micro_tokens, dtype=next(model.parameters()).dtype, free=free,
-                              reserve=loss_peak_bytes(model.lm_head, chunk_tokens))
+                              reserve=loss_peak_bytes(model.lm_head, chunk_tokens), saved=saved)
     if plans is not None:
         plans.append(plan.to_dict())
     apply_checkpointing(model, adapter, plan)
@@ -204,6 +209,31 @@ def time_steps(make, device, ids, steps: int, warmup: int) -> dict:
     return out
 
 
+def turns(names: list[str], rounds: int) -> list[str]:
+    """The order cases take turns in: every case once a round, each round starting one case later."""
+    return [name for r in range(rounds) for name in names[r % len(names):] + names[: r % len(names)]]
+
+
+def time_step_cases(cases: dict, device, ids, steps: int, rounds: int = 3) -> dict:
+    """Each case's fastest of `rounds` blocks of `steps` measured steps, every block after its own set-up and
+    warm-up (`cases`: name -> (make, warm-up steps)); its peak memory the largest of its rounds, and every
+    round's tokens/s kept. The cases take turns (`turns`): conditions on a GPU drift over a run, and a case
+    timed only once has read 2x off (docs/benchmarks.md)."""
+    runs: dict = {name: [] for name in cases}
+    for name in turns(list(cases), rounds):
+        make, warmup = cases[name]
+        runs[name].append(time_steps(make, device, ids, steps, warmup))
+    result = {}
+    for name, done in runs.items():
+        best = dict(min(done, key=lambda run: run["seconds"]))
+        for key in ("peak_gib", "peak_reserved_gib", "activation_peak_gib"):
+            if key in best:
+                best[key] = max(run[key] for run in done)
+        best["rounds_tokens_per_s"] = [run["tokens_per_s"] for run in done]
+        result[name] = best
+    return result
+
+
 @torch.no_grad()
 def diagnosis_reference(model, ids_batches) -> None:
     """What published sink studies do: output_attentions=True over the full model, logits included."""
@@ -215,18 +245,16 @@ def diagnosis_reference(model, ids_batches) -> None:
 def time_diagnoses(cases: dict, device, ids_batches, rounds: int = 5) -> dict:
     """Each case's fastest of `rounds` runs over the batches, after a warm-up, its time, tokens/s and peak memory.
     The cases take turns within every round, so a ratio of two compares runs made under the same conditions (a
-    run takes a fraction of a second on a GPU, and conditions there drift by several percent over a minute); each
-    round starts one case later than the one before."""
+    run takes a fraction of a second on a GPU, and conditions there drift by several percent over a minute), in
+    the order of `turns`."""
     for fn in cases.values():
         fn(ids_batches[:1])  # warm-up: compilation
     runs: dict = {name: [] for name in cases}
-    names = list(cases)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # each round starts with the next case
-            out: dict = {}
-            with Meter(device).measure(out):
-                cases[name](ids_batches)
-            runs[name].append(out)
+    for name in turns(list(cases), rounds):
+        out: dict = {}
+        with Meter(device).measure(out):
+            cases[name](ids_batches)
+        runs[name].append(out)
     tokens = sum(x.numel() for x in ids_batches)
     best = {name: min(r, key=lambda run: run["seconds"]) for name, r in runs.items()}
     return {name: {**b, "tokens_per_s": round(tokens / b["seconds"], 1)} for name, b in best.items()}
@@ -244,9 +272,10 @@ def _meets(a: dict, b: dict, goal: float) -> bool:
     return bool(a.get("tokens_per_s") and b.get("tokens_per_s")) and a["tokens_per_s"] >= goal * b["tokens_per_s"]
 
 
-def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq_len: int = 512, steps: int = 10,
-              warmup: int = 2, diag_batches: int = 12, parts: tuple[str, ...] = PARTS) -> dict:
-    """Every case of `parts` (surgery, diagnosis) on one model of the shape, side by side."""
+def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq_len: int = 512, steps: int = 5,
+              warmup: int = 2, rounds: int = 3, diag_batches: int = 12, parts: tuple[str, ...] = PARTS) -> dict:
+    """Every case of `parts` (surgery, diagnosis) on one model of the shape, side by side; the surgery cases take
+    turns over `rounds` rounds of `steps` measured steps each."""
     from .runtime import resolve_device
 
     shape = SHAPES[shape_name]
@@ -260,57 +289,68 @@ def run_bench(shape_name: str, device: str | None = None, *, batch: int = 8, seq
         "dtype": str(dtype).replace("torch.", ""),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "cuda_alloc_conf": __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"), "parts": list(parts),
+        "rounds": rounds,
     }
     if "surgery" in parts:
-        result.update(_surgery_cases(model, adapter, shape, dev, batch, seq_len, steps, warmup))
+        result.update(_surgery_cases(model, adapter, shape, dev, batch, seq_len, steps, warmup, rounds))
     if "diagnosis" in parts:
         result.update(_diagnosis_cases(model, adapter, shape, dev, batch, seq_len, diag_batches))
     return result
 
 
-def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, steps: int, warmup: int,
+                   rounds: int) -> dict:
     heads = band_heads(shape.n_head)
     ids = random_ids(shape.vocab, batch, seq_len, dev, 0)
     placements = {"low": 0, "high": shape.n_layer - 1}
-    surgery: dict = {"reference": {}, "ours": {}, "ours_eager": {}}
-    # the frozen-prefix cache with targets at the bottom of the top third: a first epoch (no cache to read) and
-    # every later one (the prefix fed from the cache), checkpointing chosen from the free memory as a run does
-    third = [(2 * shape.n_layer // 3, h) for h in heads]
-    prefix_plans: list = []
-    prefix = {"first_epoch": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa", micro_tokens=ids.numel(),
-                                                            checkpointing="auto", plans=prefix_plans),
-                                        dev, ids, steps, warmup),
-              "later_epochs": time_steps(lambda: our_step_fn(model, adapter, third, "sdpa", prefix_cache=True,
-                                                             micro_tokens=ids.numel(), checkpointing="auto",
-                                                             plans=prefix_plans), dev, ids, steps, max(warmup, 1))}
-    # top-layer targets in every epoch after the first: all the frozen layers below fed from the prefix cache
-    top = [(shape.n_layer - 1, h) for h in heads]
-    prefix["top_layer_later_epochs"] = time_steps(lambda: our_step_fn(model, adapter, top, "sdpa", prefix_cache=True),
-                                                  dev, ids, steps, max(warmup, 1))
-    surgery["ours_auto_8gib"], auto_plans = {}, []
-    for where, layer in placements.items():
-        targets = [(layer, h) for h in heads]
-        surgery["ours"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "sdpa"), dev, ids, steps, warmup)
-        # checkpointing chosen by memory, for a card with 8 GiB (the goal's budget)
-        surgery["ours_auto_8gib"][where] = time_steps(
-            lambda: our_step_fn(model, adapter, targets, "sdpa", micro_tokens=ids.numel(), checkpointing="auto",
-                                budget_gib=AUTO_BUDGET_GIB, plans=auto_plans), dev, ids, steps, warmup)
-        surgery["ours_eager"][where] = time_steps(lambda: our_step_fn(model, adapter, targets, "eager"), dev, ids, steps,
-                                                  warmup)
-        surgery["reference"][where] = time_steps(lambda: reference_step_fn(model, adapter, targets), dev, ids, steps, warmup)
+    band = {where: [(layer, h) for h in heads] for where, layer in placements.items()}
+    third = [(2 * shape.n_layer // 3, h) for h in heads]  # targets at the bottom of the top third
+    top = band["high"]
+    plans: dict = {}
 
-    # top-layer targets in later epochs with both: checkpointing for 8 GiB and the frozen prefix fed from the cache
-    surgery["ours_auto_8gib"]["high_later_epochs"] = time_steps(
-        lambda: our_step_fn(model, adapter, top, "sdpa", prefix_cache=True, micro_tokens=ids.numel(),
-                            checkpointing="auto", budget_gib=AUTO_BUDGET_GIB, plans=auto_plans), dev, ids, steps,
-        max(warmup, 1))
-    # the paper's recipe on a 16 GB card: micro-batch 1 x accumulation 8, band of layer 0 (backward through every
-    # layer), checkpointing chosen for 15.5 GiB, the loss's logits in chunks of 256 tokens (--loss-chunk-tokens)
-    card_plans: list = []
-    card = time_steps(lambda: our_step_fn(model, adapter, [(0, h) for h in heads], "sdpa", micro_batch=1,
-                                          micro_tokens=seq_len, checkpointing="auto", budget_gib=CARD_BUDGET_GIB,
-                                          plans=card_plans, chunk_tokens=CARD_CHUNK_TOKENS), dev, ids, steps, warmup)
-    card.update(plan=card_plans[0], budget_gib=CARD_BUDGET_GIB, loss_chunk_tokens=CARD_CHUNK_TOKENS)
+    def ours(name, targets, attention="sdpa", **kw):  # (make, warm-up steps); the prefix cache fills on warm-up
+        plans[name] = []
+        return (lambda: our_step_fn(model, adapter, targets, attention, seq_len=seq_len, plans=plans[name], **kw),
+                max(warmup, 1) if kw.get("prefix_cache") else warmup)
+
+    auto = dict(micro_tokens=ids.numel(), checkpointing="auto")
+    auto_8gib = dict(auto, budget_gib=AUTO_BUDGET_GIB)
+    cases = {
+        # the frozen-prefix cache: a first epoch (no cache to read) and every later one (the prefix fed from the
+        # cache), checkpointing chosen from the free memory as a run does; top-layer targets in later epochs
+        "prefix/first_epoch": ours("prefix/first_epoch", third, **auto),
+        "prefix/later_epochs": ours("prefix/later_epochs", third, prefix_cache=True, **auto),
+        "prefix/top_layer_later_epochs": ours("prefix/top_layer_later_epochs", top, prefix_cache=True),
+        # the paper's recipe on a 16 GB card: micro-batch 1 x accumulation 8, band of layer 0 (backward through
+        # every layer), checkpointing chosen for 15.5 GiB, the loss's logits in chunks of 256 tokens
+        "card": ours("card", band["low"], micro_batch=1, micro_tokens=seq_len, checkpointing="auto",
+                     budget_gib=CARD_BUDGET_GIB, chunk_tokens=CARD_CHUNK_TOKENS),
+        # top-layer targets in later epochs with both: checkpointing for 8 GiB and the prefix fed from the cache
+        "ours_auto_8gib/high_later_epochs": ours("ours_auto_8gib/high_later_epochs", top, prefix_cache=True,
+                                                 **auto_8gib),
+    }
+    for where, targets in band.items():
+        cases[f"ours/{where}"] = ours(f"ours/{where}", targets)
+        # checkpointing chosen by memory, for a card with 8 GiB (the goal's budget)
+        cases[f"ours_auto_8gib/{where}"] = ours(f"ours_auto_8gib/{where}", targets, **auto_8gib)
+        cases[f"ours_eager/{where}"] = ours(f"ours_eager/{where}", targets, "eager")
+        cases[f"reference/{where}"] = ((lambda t=targets: reference_step_fn(model, adapter, t)), warmup)
+    timed = time_step_cases(cases, dev, ids, steps, rounds)
+    for name, row in timed.items():
+        if plans.get(name):
+            row["plan"] = plans[name][0]  # every round plans alike (the budget cases from the same allocation)
+    surgery: dict = {"reference": {}, "ours": {}, "ours_eager": {}, "ours_auto_8gib": {}}
+    for name, row in timed.items():
+        group, _, where = name.partition("/")
+        if group in surgery:
+            surgery[group][where] = row
+    order = ("low", "high", "high_later_epochs")
+    surgery["ours_auto_8gib"] = {w: surgery["ours_auto_8gib"][w] for w in order}
+    prefix = {w.removeprefix("prefix/"): timed[w] for w in timed if w.startswith("prefix/")}
+    card = timed["card"]
+    card.update(budget_gib=CARD_BUDGET_GIB, loss_chunk_tokens=CARD_CHUNK_TOKENS)
+    auto_plans = [surgery["ours_auto_8gib"][w]["plan"] for w in order]
+    prefix_plans = [prefix[w]["plan"] for w in ("first_epoch", "later_epochs")]
 
     return {
         "target_heads": heads,
@@ -337,9 +377,12 @@ def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, 
 
 def _diagnosis_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, diag_batches: int) -> dict:
     batches = [random_ids(shape.vocab, batch, seq_len, dev, 1 + i) for i in range(diag_batches)]
+    # diagnosis takes token lists, as the tokenizer gives them: made here, not in the timed runs (their batching
+    # and the copies to the GPU are timed)
+    token_lists = {id(b): b.cpu().tolist() for b in batches}
 
     def ours_diag(bs, a=adapter, path=None):  # the default path: the statistics kernel for BLOOM on CUDA
-        run_statistics(model, a, [row.tolist() for b in bs for row in b.cpu()], batch_size=batch, path=path)
+        run_statistics(model, a, [row for b in bs for row in token_lists[id(b)]], batch_size=batch, path=path)
 
     @torch.no_grad()
     def plain_forward(bs):  # what diagnosis would cost if it were free: the body's forward through SDPA

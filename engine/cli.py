@@ -513,7 +513,8 @@ def cmd_bench(args) -> int:
         raise InputError("--baseline compares runs over several processes: give --nproc N as well")
     with console.status(f"benchmarking {shape} (B={batch} x L={seq_len})…"):
         result = run_bench(shape, args.device, batch=batch, seq_len=seq_len, steps=2 if args.tiny else args.steps,
-                           warmup=1 if args.tiny else 2, diag_batches=2 if args.tiny else 12,
+                           warmup=1 if args.tiny else 2, rounds=2 if args.tiny else args.rounds,
+                           diag_batches=2 if args.tiny else 12,
                            parts=(args.only,) if args.only else PARTS)
     print_bench(result, console)
     if args.json:
@@ -660,7 +661,10 @@ def build_parser(*extra_commands) -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=10, help="measured steps per case (after 2 warm-up steps)")
+    p.add_argument("--steps", type=_positive, default=5, help="measured steps per case and round (after 2 warm-up "
+                   "steps)")
+    p.add_argument("--rounds", type=_positive, default=3, help="rounds in which the surgery cases take turns; each "
+                   "case's fastest round is kept")
     p.add_argument("--only", choices=("surgery", "diagnosis"), help="run the cases of one part only")
     p.add_argument("--json", help="write the results to this file")
     p.set_defaults(func=cmd_bench)

@@ -1,6 +1,7 @@
 """Every fast-path piece equals the plain path on a tiny model (CPU, fp32)."""
 
 import copy
+import time
 
 import torch
 
@@ -116,6 +117,8 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path, capsys):
     assert all(plan["asked"] == "auto" for plan in auto["plans"].values()) and "checkpointing auto for 8" in done.stdout
     card = result["card_16gb"]
     assert card["plan"]["asked"] == "auto" and card["tokens_per_s"] > 0 and "16 GB card" in done.stdout
+    assert card["plan"]["estimate"] == "measured" and auto["plans"]["low"]["estimate"] == "measured"
+    assert result["rounds"] == 2 and all(len(row["rounds_tokens_per_s"]) == 2 for row in result["surgery"]["ours"].values())
 
 
 def test_diagnosis_cases_take_turns_and_goals_are_judged_unrounded():
@@ -128,3 +131,23 @@ def test_diagnosis_cases_take_turns_and_goals_are_judged_unrounded():
     assert set(result) == set("abc") and all(r["tokens_per_s"] > 0 for r in result.values())
     assert not _meets({"tokens_per_s": 0.8996}, {"tokens_per_s": 1.0}, 0.9)  # shown as 0.90, yet missed
     assert _meets({"tokens_per_s": 0.9}, {"tokens_per_s": 1.0}, 0.9) and not _meets({}, {"tokens_per_s": 1.0}, 0.9)
+
+
+def test_surgery_cases_take_turns_and_keep_each_cases_fastest_round():
+    from engine.bench import time_step_cases
+
+    order, pauses = [], {"a": iter([0.03, 0.0, 0.0]), "b": iter([0.0, 0.03, 0.03])}
+
+    def case(name):
+        def make():
+            pause = next(pauses[name])
+            return (lambda ids: (order.append(name), time.sleep(pause))), (lambda: order.append(f"{name} done"))
+        return make, 1
+
+    result = time_step_cases({"a": case("a"), "b": case("b")}, torch.device("cpu"), torch.zeros(2, 4), 1, rounds=3)
+    # a round: set-up, one warm-up and one measured step, clean-up, for each case; each round starts one later
+    assert order == ["a", "a", "a done", "b", "b", "b done", "b", "b", "b done", "a", "a", "a done",
+                     "a", "a", "a done", "b", "b", "b done"]
+    assert [len(r["rounds_tokens_per_s"]) for r in result.values()] == [3, 3]
+    assert result["a"]["tokens_per_s"] == max(result["a"]["rounds_tokens_per_s"]) > result["a"]["rounds_tokens_per_s"][0]
+    assert result["b"]["tokens_per_s"] == result["b"]["rounds_tokens_per_s"][0] > result["b"]["rounds_tokens_per_s"][1]
