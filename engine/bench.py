@@ -146,8 +146,8 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
     lowest target are kept on the first (warm-up) step and fed afterwards, as in a second epoch. `micro_batch`:
     the step's blocks in micro-batches of that many (accumulated), as the paper's recipe runs them.
     `checkpointing` as the training loop plans it (engine.checkpointing) for micro-batches of `micro_tokens`
-    in sequences of `seq_len` (auto and selective measure what a layer keeps), from the free memory, or from `budget_gib` less what is allocated (a smaller card); the plan is appended to
-    `plans`."""
+    in sequences of `seq_len` (auto and selective measure what a layer keeps), from the free memory, or from
+    `budget_gib` less what is allocated (a smaller card); the plan is appended to `plans`."""
     slices = operate(model, adapter, SurgeryPlan(targets))
     lowest = min(l for l, _ in targets)
     device = next(model.parameters()).device
@@ -216,8 +216,8 @@ def turns(names: list[str], rounds: int) -> list[str]:
 
 def time_step_cases(cases: dict, device, ids, steps: int, rounds: int = 3) -> dict:
     """Each case's fastest of `rounds` blocks of `steps` measured steps, every block after its own set-up and
-    warm-up (`cases`: name -> (make, warm-up steps)); its peak memory the largest of its rounds, and every
-    round's tokens/s kept. The cases take turns (`turns`): conditions on a GPU drift over a run, and a case
+    warm-up (`cases`: name -> (make, warm-up steps)), with its index (`fastest_round`); its peak memory the
+    largest of its rounds, and every round's tokens/s kept. The cases take turns (`turns`): conditions on a GPU drift over a run, and a case
     timed only once has read 2x off (docs/benchmarks.md)."""
     runs: dict = {name: [] for name in cases}
     for name in turns(list(cases), rounds):
@@ -225,7 +225,8 @@ def time_step_cases(cases: dict, device, ids, steps: int, rounds: int = 3) -> di
         runs[name].append(time_steps(make, device, ids, steps, warmup))
     result = {}
     for name, done in runs.items():
-        best = dict(min(done, key=lambda run: run["seconds"]))
+        fastest = min(range(len(done)), key=lambda i: done[i]["seconds"])
+        best = {**done[fastest], "fastest_round": fastest}
         for key in ("peak_gib", "peak_reserved_gib", "activation_peak_gib"):
             if key in best:
                 best[key] = max(run[key] for run in done)
@@ -337,8 +338,11 @@ def _surgery_cases(model, adapter, shape: Shape, dev, batch: int, seq_len: int, 
         cases[f"reference/{where}"] = ((lambda t=targets: reference_step_fn(model, adapter, t)), warmup)
     timed = time_step_cases(cases, dev, ids, steps, rounds)
     for name, row in timed.items():
-        if plans.get(name):
-            row["plan"] = plans[name][0]  # every round plans alike (the budget cases from the same allocation)
+        if plans.get(name):  # the plan its fastest round ran; every round's where they differ
+            row["plan"] = plans[name][row["fastest_round"]]
+            if any((p["mode"], p["checkpointed"]) != (row["plan"]["mode"], row["plan"]["checkpointed"])
+                   for p in plans[name]):
+                row["round_plans"] = plans[name]
     surgery: dict = {"reference": {}, "ours": {}, "ours_eager": {}, "ours_auto_8gib": {}}
     for name, row in timed.items():
         group, _, where = name.partition("/")

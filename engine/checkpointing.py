@@ -37,10 +37,10 @@ class CheckpointPlan:
     mode: str  # full | selective | none (what ran; `auto` resolves to one of these)
     checkpointed: list[int]  # the layers that recompute
     asked: str = "auto"
-    layer_gib: float | None = None  # what the largest kept layer keeps
+    layer_gib: float | None = None  # what the largest layer of the span keeps without checkpointing
     free_gib: float | None = None  # the memory it was chosen from
     estimate: str = "formula"  # measured (a probing forward) | formula (VALUES_PER_TOKEN_LAYER)
-    kept_gib: float | None = None  # what the plan's layers keep for backward in all (kept, inputs, shared)
+    kept_bytes: int | None = None  # the plan's need: what is kept for backward, and backward's own layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,13 +80,17 @@ def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tok
     if saved is not None:
         measured = saved.for_tokens(tokens)
         kept = [measured.per_layer[layer] for layer in span]
-        always = measured.shared + measured.outside  # the shared bias, the final norm's input: kept in every plan
+        # kept in every plan: the shared bias, the final norm's input, anything below the lowest target (nothing)
+        always = measured.shared + measured.outside + sum(measured.per_layer[:lowest])
     else:
         kept, always = [layer_bytes(hidden, tokens, dtype)] * len(span), 0
     room = SAFETY * (free - reserve)
+    # backward holds one layer's activations more while it runs: a checkpointed layer's rebuilt ones, or the
+    # gradients of the one it is in
+    working = max(kept, default=0)
 
     def need(k: int) -> int:  # the top k layers keep theirs, the others their inputs
-        return always + sum(kept[len(span) - k:]) + (len(span) - k) * recomputed
+        return always + sum(kept[len(span) - k:]) + (len(span) - k) * recomputed + working
 
     if mode == "none":
         keep = len(span)
@@ -98,7 +102,7 @@ def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tok
     checkpointed = span[: len(span) - keep]
     resolved = "full" if len(checkpointed) == len(span) else "none" if not checkpointed else "selective"
     return CheckpointPlan(resolved, checkpointed, mode, round(max(kept, default=0) / 2**30, 4), round(free / 2**30, 2),
-                          "formula" if saved is None else "measured", round(need(keep) / 2**30, 4))
+                          "formula" if saved is None else "measured", need(keep))
 
 
 def enable_checkpointing(model) -> None:

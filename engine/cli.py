@@ -120,9 +120,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--track-texts", help="track this text file instead (.txt one text a line, or .jsonl {\"text\": ...})")
     checkpointing = p.add_mutually_exclusive_group()
     checkpointing.add_argument("--checkpointing", choices=CHECKPOINT_MODES, default=JOB_DEFAULTS["checkpointing"],
-                               help="activation checkpointing of the trained layers: auto keeps as many layers' "
-                               "activations as free memory holds and recomputes the rest (none, selective or full); "
-                               "the patch is the same")
+                               help="activation checkpointing of the trained layers: auto measures what a layer keeps "
+                               "(one probing forward) and keeps as many layers' activations as free memory holds, "
+                               "recomputing the rest (none, selective or full); the patch is the same")
     checkpointing.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing none")
     p.add_argument("--loss-chunk-tokens", type=_positive, default=JOB_DEFAULTS["loss_chunk_tokens"],
                    help="tokens whose vocabulary logits the loss holds at once (fp32, 250,880 a token for BLOOM): "

@@ -3,8 +3,9 @@
 One forward of the model's body runs with autograd recording, as a training step runs it (the caller sets
 the trained slices, the attention path and train mode). A saved-tensors hook sees every tensor autograd keeps
 for backward: each storage is counted once, against the layer whose forward saved it first, and dropped at
-once, so the probe holds nothing beyond one forward's working memory. Parameters (and views of them) are not
-counted: they are held anyway. A storage that a second layer saves too (BLOOM's shared ALiBi bias) is
+once, so the probe holds nothing beyond one forward's working memory. Parameters and views of them (the
+trained slices too, and a layer's weights as FSDP2 gathers them for its forward) are not counted: they are
+held anyway, or freed after the layer. A storage that a second layer saves too (BLOOM's shared ALiBi bias) is
 counted as shared, once, and one saved outside every layer (the final norm's input) as outside.
 
 Checkpointing plans from these figures instead of a per-token formula (`engine.checkpointing`), so the
@@ -77,6 +78,11 @@ def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
     return storage
 
 
+def _is_parameter(tensor: torch.Tensor) -> bool:
+    """A parameter or a view of one (a transposed weight saved by a matmul; the trained slices included)."""
+    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+
+
 class _Counter:
     """The saved-tensors hook's state: which layer is running and whose storages were seen."""
 
@@ -84,26 +90,38 @@ class _Counter:
         self.held = {storage.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())
                      if (storage := _storage(t)) is not None}
         self.layer: int | None = None
+        self.gathered: set[int] = set()  # the running layer's weights as FSDP2 gathered them for its forward
         self.per_layer = [0] * n_layer
         self.shared = self.outside = 0
-        self.owner: dict[int, int | str | None] = {}  # storage address -> first layer, "shared", None (outside)
+        # storage address -> (first layer, "shared" or None for outside; its size when first saved)
+        self.owner: dict[int, tuple[int | str | None, int]] = {}
+
+    def enter(self, layer: int, module: nn.Module) -> None:
+        self.layer = layer
+        # after FSDP2's own pre-forward hook: the parameters are the gathered ones, held until its post-forward
+        self.gathered = {storage.data_ptr() for p in module.parameters() if (storage := _storage(p)) is not None}
+        self.gathered -= self.held
+
+    def leave(self) -> None:
+        self.layer, self.gathered = None, set()
 
     def pack(self, tensor: torch.Tensor) -> None:
-        storage = None if isinstance(tensor, nn.Parameter) else _storage(tensor)
+        storage = None if _is_parameter(tensor) else _storage(tensor)
         if storage is None:
             return None
         key, nbytes = storage.data_ptr(), storage.nbytes()
-        if not nbytes or key in self.held:
+        if not nbytes or key in self.held or key in self.gathered:
             return None
         if key not in self.owner:
-            self.owner[key] = self.layer
+            self.owner[key] = (self.layer, nbytes)
             # a freed storage's address is reused by later ones: forget it when it is freed
-            weakref.finalize(storage, self._forget, key)
+            weakref.finalize(storage, self.owner.pop, key, None)
             self._add(self.layer, nbytes)
-        elif self.owner[key] not in ("shared", self.layer):
-            self._add(self.owner[key], -nbytes)
-            self.owner[key] = "shared"
-            self.shared += nbytes
+        elif self.owner[key][0] not in ("shared", self.layer):
+            first, size = self.owner[key]
+            self._add(first, -size)
+            self.owner[key] = ("shared", size)
+            self.shared += size
         return None
 
     def _add(self, layer: int | None, nbytes: int) -> None:
@@ -111,9 +129,6 @@ class _Counter:
             self.outside += nbytes
         else:
             self.per_layer[layer] += nbytes
-
-    def _forget(self, key: int) -> None:
-        self.owner.pop(key, None)
 
     @staticmethod
     def unpack(_packed):  # pragma: no cover - the probe never runs backward
@@ -133,11 +148,14 @@ def measure_saved_bytes(model: nn.Module, adapter, block: torch.Tensor) -> Saved
 
 def _measure(model: nn.Module, adapter, ids: torch.Tensor) -> LayerBytes:
     blocks = adapter.blocks(model)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in blocks):
+        raise RuntimeError("measure what the layers keep before checkpointing is switched on: a checkpointed layer "
+                           "keeps only its inputs")
     counter = _Counter(model, len(blocks))
     hooks = []
     for index, layer in enumerate(blocks):
-        hooks.append(layer.register_forward_pre_hook(lambda _m, _a, i=index: setattr(counter, "layer", i)))
-        hooks.append(layer.register_forward_hook(lambda _m, _a, _o: setattr(counter, "layer", None)))
+        hooks.append(layer.register_forward_pre_hook(lambda m, _a, i=index: counter.enter(i, m)))
+        hooks.append(layer.register_forward_hook(lambda _m, _a, _o: counter.leave()))
     was_training = model.training
     devices = [ids.device] if ids.device.type == "cuda" else []
     try:

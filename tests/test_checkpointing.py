@@ -34,12 +34,13 @@ def test_auto_keeps_as_many_top_layers_as_free_memory_holds():
     inputs = 2048 * 4096 * 2  # what a checkpointed layer keeps: its input
     assert _plan("auto", 100 * GiB).mode == "none" and _plan("auto", 100 * GiB).checkpointed == []
     assert _plan("auto", 0).mode == "full" and _plan("auto", 0).checkpointed == list(range(4, 24))
-    room = 5 * per_layer + 15 * inputs  # five layers' activations, the other fifteen's inputs
-    five = _plan("auto", int(room / 0.8) + 1)
+    # five layers' activations, the other fifteen's inputs, and one layer more for backward to work in
+    room = 5 * per_layer + 15 * inputs + per_layer
+    five = _plan("auto", room * 5 // 4)  # exactly the room for five (0.8 x free)
     assert five.mode == "selective" and five.checkpointed == list(range(4, 19))  # the top five keep theirs
     assert five.asked == "auto" and five.layer_gib == round(per_layer / GiB, 4) and five.estimate == "formula"
-    assert five.kept_gib == round(room / GiB, 4)
-    assert _plan("auto", int(room / 0.8) - inputs).checkpointed == list(range(4, 20))  # a byte short of five
+    assert five.kept_bytes == room
+    assert _plan("auto", room * 5 // 4 - 1).checkpointed == list(range(4, 20))  # a byte short of five: four
 
 
 def test_a_measured_plan_keeps_what_fits_of_each_layers_own_bytes():
@@ -52,22 +53,24 @@ def test_a_measured_plan_keeps_what_fits_of_each_layers_own_bytes():
     assert eight.shared == 64 * MiB and eight.outside == 32 * MiB and eight.per_layer[3] == 0
     inputs = 2048 * 4096 * 2  # what a checkpointed layer keeps: its input
     always = eight.shared + eight.outside
-    room = always + eight.per_layer[23] + 800 * MiB + 18 * inputs  # the top two layers, the other 18's inputs
-    plan = _plan("auto", int(room / 0.8) + 1, saved=saved)
+    working = eight.per_layer[23]  # backward's one layer more: the largest
+    room = always + eight.per_layer[23] + 800 * MiB + 18 * inputs + working  # the top two, the other 18's inputs
+    plan = _plan("auto", room * 5 // 4, saved=saved)
     assert plan.estimate == "measured" and plan.checkpointed == list(range(4, 22)) and plan.mode == "selective"
-    assert plan.layer_gib == round(eight.per_layer[23] / GiB, 4) and plan.kept_gib == round(room / GiB, 4)
-    assert _plan("auto", int((room - inputs) / 0.8), saved=saved).checkpointed == list(range(4, 23))
+    assert plan.layer_gib == round(eight.per_layer[23] / GiB, 4) and plan.kept_bytes == room
+    assert _plan("auto", room * 5 // 4 - 1, saved=saved).checkpointed == list(range(4, 23))
     assert _plan("auto", 100 * GiB, saved=saved).mode == "none"
     assert _plan("selective", 100 * GiB, saved=saved).checkpointed == [4]
     # the shared and outside bytes are kept whatever the plan: without room for them too, everything recomputes
-    assert _plan("auto", int((always + 20 * inputs - 1) / 0.8), saved=saved).mode == "full"
+    assert _plan("auto", (always + 20 * inputs + working) * 5 // 4 - 1, saved=saved).mode == "full"
     assert SavedBytes.from_dict(saved.to_dict()) == saved
 
 
-def _graph_saved_bytes(model, ids) -> int:
+def _graph_saved_bytes(model, ids, slices) -> int:
     """An independent count of what one forward keeps for backward: the autograd graph walked from the output,
-    every node's saved tensors read back, one count per storage, parameters and buffers left out."""
-    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    every node's saved tensors read back, one count per storage, the storages of the model's parameters and
+    buffers and of the trained slices left out."""
+    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), *slices.parameters())}
     out = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
     storages, stack, visited = {}, [out.grad_fn], set()
     while stack:
@@ -89,12 +92,13 @@ def _graph_saved_bytes(model, ids) -> int:
 def test_measured_bytes_equal_what_the_autograd_graph_keeps(family, fast):
     model = tiny_family_model(family, n_layer=4)
     adapter = adapter_for(model)
-    operate(model, adapter, SurgeryPlan([(1, 0), (1, 2), (3, 1)]))
+    slices = operate(model, adapter, SurgeryPlan([(1, 0), (1, 2), (3, 1)]))
     ids = torch.randint(0, 100, (1, 16))
     with fast_kernels(model, adapter, fast):
         saved = measure_saved_bytes(model, adapter, ids[:1])
         model.train()
-        one, two = _graph_saved_bytes(model, ids[:1]), _graph_saved_bytes(model, torch.cat([ids[:1], ids[:1]]))
+        one = _graph_saved_bytes(model, ids[:1], slices)
+        two = _graph_saved_bytes(model, torch.cat([ids[:1], ids[:1]]), slices)
     assert saved.seq_len == 16 and saved.one.total() == one and saved.two.total() == two
     for measured in (saved.one, saved.two):
         assert measured.per_layer[0] == 0 and all(b > 0 for b in measured.per_layer[1:])  # below the lowest: nothing
@@ -104,23 +108,35 @@ def test_measured_bytes_equal_what_the_autograd_graph_keeps(family, fast):
     assert saved.two.per_layer[2] == 2 * saved.one.per_layer[2]
     with fast_kernels(model, adapter, fast):
         model.train()
-        four = _graph_saved_bytes(model, ids[:1].repeat(4, 1))
+        four = _graph_saved_bytes(model, ids[:1].repeat(4, 1), slices)
     assert saved.for_tokens(4 * 16).total() == four  # the line through one and two sequences, at four
 
 
 def test_the_probe_leaves_the_random_state_and_the_mode_as_they_were():
     model = tiny_model(n_layer=2)
-    model.config.hidden_dropout = 0.5
-    for block in model.transformer.h:
-        block.hidden_dropout = 0.5
+    for block in model.transformer.h:  # BLOOM's modules keep their own copies of the dropout setting
+        block.self_attention.hidden_dropout = block.mlp.hidden_dropout = 0.5
     adapter = adapter_for(model)
     operate(model, adapter, SurgeryPlan([(0, 1)]))
-    model.eval()
     block = torch.randint(0, 100, (1, 16))
+    state = torch.get_rng_state()
+    model.train()
+    model.transformer(input_ids=block)
+    assert not torch.equal(torch.get_rng_state(), state)  # a forward in train mode draws for its dropout
+    model.eval()
     state = torch.get_rng_state()
     saved = measure_saved_bytes(model, adapter, block)
     assert torch.equal(torch.get_rng_state(), state) and not model.training
     assert saved.one.per_layer[0] > 0
+
+
+def test_the_probe_refuses_layers_already_checkpointed():
+    model = tiny_model(n_layer=2)
+    adapter = adapter_for(model)
+    apply_checkpointing(model, adapter, plan_checkpointing("full", n_layer=2, lowest=0, hidden=32, tokens=16,
+                                                           dtype=torch.float32, free=0))
+    with pytest.raises(RuntimeError, match="before checkpointing is switched on"):
+        measure_saved_bytes(model, adapter, torch.randint(0, 100, (1, 16)))
 
 
 def test_explicit_modes_are_what_they_say_and_a_bad_one_is_refused():
@@ -165,7 +181,8 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
         if not measured:  # full and none measure nothing
             return 100 * GiB
         kept = measured[-1].for_tokens(32)  # micro-batches of one 32-token block
-        room = kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4  # + layers 0 and 1's inputs
+        # the top layer's activations, layers 0 and 1's inputs, and backward's one layer more
+        room = kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4 + max(kept.per_layer)
         return int(room / 0.8) + 1 + 2 * 1024 * 320 * 4  # the loss's reserve: 2 fp32 chunks of logits
 
     monkeypatch.setattr("engine.train.measure_saved_bytes", spy)

@@ -75,6 +75,9 @@ def test_operate_over_two_processes_gives_the_single_process_patch(planted_dir, 
                            rtol=1e-5)
         # 3 steps x 3 blocks: rank 0 trains blocks 0 and 2 of each step, rank 1 block 1
         assert p1["blocks_per_rank"] is None and p2["blocks_per_rank"] == [6, 3]
+        # what a layer keeps, measured under FSDP2 (its gathered weights not counted), as in one process
+        assert p2["checkpointing"]["estimate"] == "measured"
+        assert p1["checkpointing"]["kept_bytes"] == p2["checkpointing"]["kept_bytes"]
     assert np.allclose(r1["diagnosis_before"]["bos_mass"], r2["diagnosis_before"]["bos_mass"], atol=1e-6)
     session = json.loads((two / "session.json").read_text())
     assert session["world"] == {"world_size": 2, "backend": "gloo"}

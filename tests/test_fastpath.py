@@ -1,7 +1,6 @@
 """Every fast-path piece equals the plain path on a tiny model (CPU, fp32)."""
 
 import copy
-import time
 
 import torch
 
@@ -133,21 +132,21 @@ def test_diagnosis_cases_take_turns_and_goals_are_judged_unrounded():
     assert _meets({"tokens_per_s": 0.9}, {"tokens_per_s": 1.0}, 0.9) and not _meets({}, {"tokens_per_s": 1.0}, 0.9)
 
 
-def test_surgery_cases_take_turns_and_keep_each_cases_fastest_round():
-    from engine.bench import time_step_cases
+def test_surgery_cases_take_turns_and_keep_each_cases_fastest_round(monkeypatch):
+    import engine.bench as bench
 
-    order, pauses = [], {"a": iter([0.03, 0.0, 0.0]), "b": iter([0.0, 0.03, 0.03])}
+    order, runs = [], {"a": iter([(2.0, 5.0), (1.0, 4.0), (1.5, 6.0)]), "b": iter([(1.0, 3.0), (3.0, 3.5), (2.0, 1.0)])}
 
-    def case(name):
-        def make():
-            pause = next(pauses[name])
-            return (lambda ids: (order.append(name), time.sleep(pause))), (lambda: order.append(f"{name} done"))
-        return make, 1
+    def fake_time_steps(make, device, ids, steps, warmup):  # (seconds, peak GiB) of each round, in turn
+        name = make()
+        order.append(name)
+        seconds, peak = next(runs[name])
+        return {"seconds": seconds, "peak_gib": peak, "tokens_per_s": ids.numel() * steps / seconds}
 
-    result = time_step_cases({"a": case("a"), "b": case("b")}, torch.device("cpu"), torch.zeros(2, 4), 1, rounds=3)
-    # a round: set-up, one warm-up and one measured step, clean-up, for each case; each round starts one later
-    assert order == ["a", "a", "a done", "b", "b", "b done", "b", "b", "b done", "a", "a", "a done",
-                     "a", "a", "a done", "b", "b", "b done"]
-    assert [len(r["rounds_tokens_per_s"]) for r in result.values()] == [3, 3]
-    assert result["a"]["tokens_per_s"] == max(result["a"]["rounds_tokens_per_s"]) > result["a"]["rounds_tokens_per_s"][0]
-    assert result["b"]["tokens_per_s"] == result["b"]["rounds_tokens_per_s"][0] > result["b"]["rounds_tokens_per_s"][1]
+    monkeypatch.setattr(bench, "time_steps", fake_time_steps)
+    result = bench.time_step_cases({"a": (lambda: "a", 1), "b": (lambda: "b", 1)}, torch.device("cpu"),
+                                   torch.zeros(2, 4), 1, rounds=3)
+    assert order == ["a", "b", "b", "a", "a", "b"]  # each round starts one case later
+    assert result["a"]["seconds"] == 1.0 and result["a"]["fastest_round"] == 1 and result["a"]["peak_gib"] == 6.0
+    assert result["b"]["seconds"] == 1.0 and result["b"]["fastest_round"] == 0 and result["b"]["peak_gib"] == 3.5
+    assert result["a"]["rounds_tokens_per_s"] == [4.0, 8.0, 8 / 1.5]
