@@ -161,7 +161,7 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
             saved = measure_saved_bytes(model, adapter, random_ids(model.config.vocab_size, 1, seq_len, device, 0))
     plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,
                               tokens=micro_tokens, dtype=next(model.parameters()).dtype, free=free,
-                              reserve=loss_peak_bytes(model.lm_head, chunk_tokens), saved=saved)
+                              transient=loss_peak_bytes(model.lm_head, chunk_tokens), saved=saved)
     if plans is not None:
         plans.append(plan.to_dict())
     apply_checkpointing(model, adapter, plan)

@@ -40,7 +40,7 @@ class CheckpointPlan:
     layer_gib: float | None = None  # what the largest layer of the span keeps without checkpointing
     free_gib: float | None = None  # the memory it was chosen from
     estimate: str = "formula"  # measured (a probing forward) | formula (VALUES_PER_TOKEN_LAYER)
-    kept_bytes: int | None = None  # the plan's need: what is kept for backward, and backward's own layer
+    kept_bytes: int | None = None  # the plan's need: what is kept for backward, and backward's working layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,9 +67,11 @@ def layer_bytes(hidden: int, tokens: int, dtype: torch.dtype) -> int:
 
 
 def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tokens: int, dtype: torch.dtype,
-                       free: int, reserve: int = 0, saved: SavedBytes | None = None) -> CheckpointPlan:
+                       free: int, reserve: int = 0, transient: int = 0,
+                       saved: SavedBytes | None = None) -> CheckpointPlan:
     """The plan for layers lowest..n_layer-1 trained with micro-batches of `tokens` tokens, given `free` bytes
-    of which `reserve` are spoken for (the loss's logits chunk, the prefix cache). `saved`: what each layer
+    of which `reserve` are held for the whole step (the prefix cache, gradient slots) and `transient` are needed
+    only while no layer backpropagates (the loss's chunks: backward's working layer reuses them). `saved`: what each layer
     keeps, measured (`engine.saved_memory`) in sequences of the micro-batch's length; without it a layer is
     estimated at VALUES_PER_TOKEN_LAYER values a token."""
     if mode not in MODES:
@@ -84,10 +86,10 @@ def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tok
         always = measured.shared + measured.outside + sum(measured.per_layer[:lowest])
     else:
         kept, always = [layer_bytes(hidden, tokens, dtype)] * len(span), 0
-    room = SAFETY * (free - reserve)
-    # backward holds one layer's activations more while it runs: a checkpointed layer's rebuilt ones, or the
-    # gradients of the one it is in
-    working = max(kept, default=0)
+    room = SAFETY * (free - reserve - transient)
+    # backward holds one layer's activations more while it runs (a checkpointed layer's rebuilt ones, or the
+    # gradients of the one it is in), in memory the loss's transient chunks have left by then
+    working = max(0, max(kept, default=0) - transient)
 
     def need(k: int) -> int:  # the top k layers keep theirs, the others their inputs
         return always + sum(kept[len(span) - k:]) + (len(span) - k) * recomputed + working

@@ -313,7 +313,7 @@ class SurgeryRun:
         """Checkpointing for this pass from the memory free now, less the loss's (engine.loss.peak_bytes) and the
         prefix cache's budget."""
         c, a = self.config, self.adapter
-        reserve = loss_peak_bytes(self.model.lm_head, c.loss_chunk_tokens) + (self.prefix.budget if self.prefix else 0)
+        reserve = self.prefix.budget if self.prefix else 0
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
         saved = None
@@ -325,7 +325,8 @@ class SurgeryRun:
                                   hidden=a.hidden_size, tokens=c.micro_batch * c.seq_len,
                                   dtype=next(self.model.parameters()).dtype,
                                   free=int(least(free_bytes(self.device))),  # every rank the same plan
-                                  reserve=reserve, saved=saved)
+                                  reserve=reserve, transient=loss_peak_bytes(self.model.lm_head, c.loss_chunk_tokens),
+                                  saved=saved)
 
     def _teardown(self) -> None:
         if self.checkpoint_plan is not None and self.checkpoint_plan.checkpointed:

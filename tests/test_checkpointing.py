@@ -23,9 +23,9 @@ from helpers import run_in_process, tiny_family_model, tiny_model
 GiB, MiB = 2**30, 2**20
 
 
-def _plan(mode: str, free: int, lowest: int = 4, saved: SavedBytes | None = None):
+def _plan(mode: str, free: int, lowest: int = 4, saved: SavedBytes | None = None, transient: int = 0):
     return plan_checkpointing(mode, n_layer=24, lowest=lowest, hidden=2048, tokens=4096, dtype=torch.bfloat16,
-                              free=free, saved=saved)
+                              free=free, saved=saved, transient=transient)
 
 
 def test_auto_keeps_as_many_top_layers_as_free_memory_holds():
@@ -61,6 +61,11 @@ def test_a_measured_plan_keeps_what_fits_of_each_layers_own_bytes():
     assert _plan("auto", room * 5 // 4 - 1, saved=saved).checkpointed == list(range(4, 23))
     assert _plan("auto", 100 * GiB, saved=saved).mode == "none"
     assert _plan("selective", 100 * GiB, saved=saved).checkpointed == [4]
+    # the loss's chunks are freed before any layer backpropagates: backward's working layer reuses them
+    loss, kept_two = 2 * working, room - working
+    with_loss = _plan("auto", kept_two * 5 // 4 + loss, saved=saved, transient=loss)
+    assert with_loss.checkpointed == list(range(4, 22)) and with_loss.kept_bytes == kept_two
+    assert _plan("auto", kept_two * 5 // 4 + loss - 1, saved=saved, transient=loss).checkpointed == list(range(4, 23))
     # the shared and outside bytes are kept whatever the plan: without room for them too, everything recomputes
     assert _plan("auto", (always + 20 * inputs + working) * 5 // 4 - 1, saved=saved).mode == "full"
     assert SavedBytes.from_dict(saved.to_dict()) == saved
@@ -181,9 +186,11 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
         if not measured:  # full and none measure nothing
             return 100 * GiB
         kept = measured[-1].for_tokens(32)  # micro-batches of one 32-token block
-        # the top layer's activations, layers 0 and 1's inputs, and backward's one layer more
-        room = kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4 + max(kept.per_layer)
-        return int(room / 0.8) + 1 + 2 * 1024 * 320 * 4  # the loss's reserve: 2 fp32 chunks of logits
+        # the top layer's activations and layers 0 and 1's inputs; backward's working layer fits in the loss's
+        # chunks, freed by then (a 320-word head in fp32 and 1024-token chunks: 12 bytes a logit in place)
+        loss = 12 * 1024 * 320
+        assert max(kept.per_layer) < loss
+        return int((kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4) / 0.8) + 1 + loss
 
     monkeypatch.setattr("engine.train.measure_saved_bytes", spy)
     monkeypatch.setattr("engine.train.free_bytes", free)

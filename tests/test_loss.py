@@ -110,11 +110,14 @@ def test_a_filler_factor_of_zero_gives_a_zero_gradient():
     assert torch.isfinite(grad).all() and grad.abs().max() == 0  # not 0 / 0
 
 
-def test_the_loss_reserve_follows_the_path():
+def test_the_loss_reserve_follows_the_path(monkeypatch):
     head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False)
-    assert engine.loss.peak_bytes(head, 1024) == 2 * 1024 * VOCAB * 4
+    assert engine.loss.peak_bytes(head, 1024) == (4 + 2 * 4) * 1024 * VOCAB  # in place: fp32 work, logits, gradient
+    assert engine.loss.peak_bytes(head.to(torch.bfloat16), 1024) == (4 + 2 * 2) * 1024 * VOCAB
+    monkeypatch.setattr(engine.loss, "_chunk_function", lambda device_type: "compiled")
+    assert engine.loss.peak_bytes(head, 1024) == int(2.5 * 2 * 1024 * VOCAB)  # compiled: bf16 logits and gradient
     head.weight.requires_grad_(True)
-    assert engine.loss.peak_bytes(head, 1024) == int(3.5 * 1024 * VOCAB * 4)
+    assert engine.loss.peak_bytes(head, 1024) == int(3.5 * 4 * 1024 * VOCAB)  # checkpointed chunks
 
 
 def test_a_trainable_head_gets_its_gradient():
