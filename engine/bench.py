@@ -17,7 +17,7 @@ from .prefix_cache import PrefixCache
 from .saved_memory import measure_saved_bytes
 from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
 from .surgery import SurgeryPlan, operate
-from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
+from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes, plan_checkpointing
 
 GiB = 2**30
 AUTO_BUDGET_GIB = 8.0  # issue 17: checkpointing chosen by memory, peak at most 8 GiB on bloom-1b7
@@ -161,6 +161,7 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
             saved = measure_saved_bytes(model, adapter, random_ids(model.config.vocab_size, 1, seq_len, device, 0))
     plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,
                               tokens=micro_tokens, dtype=next(model.parameters()).dtype, free=free,
+                              reserve=optimizer_bytes(slices.parameters()),
                               transient=loss_peak_bytes(model.lm_head, chunk_tokens), saved=saved)
     if plans is not None:
         plans.append(plan.to_dict())
@@ -217,8 +218,8 @@ def turns(names: list[str], rounds: int) -> list[str]:
 def time_step_cases(cases: dict, device, ids, steps: int, rounds: int = 3) -> dict:
     """Each case's fastest of `rounds` blocks of `steps` measured steps, every block after its own set-up and
     warm-up (`cases`: name -> (make, warm-up steps)), with its index (`fastest_round`); its peak memory the
-    largest of its rounds, and every round's tokens/s kept. The cases take turns (`turns`): conditions on a GPU drift over a run, and a case
-    timed only once has read 2x off (docs/benchmarks.md)."""
+    largest of its rounds, and every round's tokens/s kept. The cases take turns (`turns`): conditions on a GPU
+    drift over a run, and a case timed only once has read 2x off (docs/benchmarks.md)."""
     runs: dict = {name: [] for name in cases}
     for name in turns(list(cases), rounds):
         make, warmup = cases[name]

@@ -61,6 +61,12 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def optimizer_bytes(params) -> int:
+    """What training adds for the trained parameters from its first step on: their gradients and AdamW's two
+    moments, each the parameters' size."""
+    return 3 * sum(p.numel() * p.element_size() for p in params)
+
+
 def layer_bytes(hidden: int, tokens: int, dtype: torch.dtype) -> int:
     """Estimated activations one layer keeps for backward without checkpointing."""
     return VALUES_PER_TOKEN_LAYER * hidden * tokens * torch.empty((), dtype=dtype).element_size()
@@ -70,10 +76,10 @@ def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tok
                        free: int, reserve: int = 0, transient: int = 0,
                        saved: SavedBytes | None = None) -> CheckpointPlan:
     """The plan for layers lowest..n_layer-1 trained with micro-batches of `tokens` tokens, given `free` bytes
-    of which `reserve` are held for the whole step (the prefix cache, gradient slots) and `transient` are needed
-    only while no layer backpropagates (the loss's chunks: backward's working layer reuses them). `saved`: what each layer
-    keeps, measured (`engine.saved_memory`) in sequences of the micro-batch's length; without it a layer is
-    estimated at VALUES_PER_TOKEN_LAYER values a token."""
+    of which `reserve` are held for the whole step (the prefix cache, the optimizer's state) and `transient` are
+    needed only while no layer backpropagates (the loss's chunks: backward's working layer reuses them). `saved`:
+    what each layer keeps, measured (`engine.saved_memory`) in sequences of the micro-batch's length; without it
+    a layer is estimated at VALUES_PER_TOKEN_LAYER values a token."""
     if mode not in MODES:
         raise InputError(f"checkpointing must be one of {', '.join(MODES)} (got {mode!r})")
     span = list(range(lowest, n_layer))

@@ -15,7 +15,8 @@ import torch
 
 from .arch import base_model
 from .checkpointing import MODES as CHECKPOINT_MODES
-from .checkpointing import CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes, plan_checkpointing
+from .checkpointing import (CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes,
+                            plan_checkpointing)
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
 from .distributed import all_sum, any_rank, broadcast, least, spread, world
@@ -310,10 +311,10 @@ class SurgeryRun:
         apply_checkpointing(self.model, self.adapter, self.checkpoint_plan)
 
     def _checkpoint_plan(self) -> CheckpointPlan:
-        """Checkpointing for this pass from the memory free now, less the loss's (engine.loss.peak_bytes) and the
-        prefix cache's budget."""
+        """Checkpointing for this pass from the memory free now, less the prefix cache's budget, the slices'
+        gradients and AdamW moments (not yet allocated) and the loss's chunks (engine.loss.peak_bytes)."""
         c, a = self.config, self.adapter
-        reserve = self.prefix.budget if self.prefix else 0
+        reserve = (self.prefix.budget if self.prefix else 0) + optimizer_bytes(self.slices.parameters())
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
         saved = None

@@ -9,7 +9,7 @@ import torch
 
 from engine.arch import adapter_for
 from engine.arch import base_model
-from engine.checkpointing import apply_checkpointing, layer_bytes, plan_checkpointing
+from engine.checkpointing import apply_checkpointing, layer_bytes, optimizer_bytes, plan_checkpointing
 from engine.fastpath import fast_kernels
 from engine.saved_memory import LayerBytes, SavedBytes, measure_saved_bytes
 from engine.surgery import SurgeryPlan, operate
@@ -176,11 +176,15 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(builtin_prompts() * 4))
     # auto on a machine with room for the top layer's activations as measured, and the others' inputs: selective
-    measured = []
+    measured, held = [], []
 
     def spy(*args):
         measured.append(measure_saved_bytes(*args))
         return measured[-1]
+
+    def optimizer_spy(params):  # the slices' gradients and AdamW moments: held, reserved before the plan
+        held.append(optimizer_bytes(params))
+        return held[-1]
 
     def free(device):
         if not measured:  # full and none measure nothing
@@ -190,9 +194,13 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
         # chunks, freed by then (a 320-word head in fp32 and 1024-token chunks: 12 bytes a logit in place)
         loss = 12 * 1024 * 320
         assert max(kept.per_layer) < loss
-        return int((kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4) / 0.8) + 1 + loss
+        return int((kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4) / 0.8) + 1 + loss + held[-1]
 
     monkeypatch.setattr("engine.train.measure_saved_bytes", spy)
+    monkeypatch.setattr("engine.train.optimizer_bytes", optimizer_spy)
+    planned = []
+    monkeypatch.setattr("engine.train.plan_checkpointing",
+                        lambda *a, **kw: planned.append(kw) or plan_checkpointing(*a, **kw))
     monkeypatch.setattr("engine.train.free_bytes", free)
     patches, ran = {}, {}
     for mode in ("full", "auto", "none"):
@@ -208,6 +216,9 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
     assert ran["auto"] == {**ran["auto"], "mode": "selective", "asked": "auto", "checkpointed": [0, 1],
                            "estimate": "measured"}
     assert ran["full"]["estimate"] == ran["none"]["estimate"] == "formula" and len(measured) == 1  # auto only
+    # targets 0.3 and 1.1 of a 32-wide, 4-head model: 24 q/k/v rows of 32 weights and a bias, 8 columns of 32
+    assert held[-1] == 3 * 2 * (24 * 32 + 24 + 32 * 8) * 4
+    assert all(kw["reserve"] == held[-1] and kw["transient"] == 12 * 1024 * 320 for kw in planned)  # no prefix cache
     for mode in ("auto", "none"):
         assert all(torch.equal(patches["full"][k], patches[mode][k]) for k in patches["full"]), mode
 

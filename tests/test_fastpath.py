@@ -117,7 +117,8 @@ def test_bench_tiny_runs_every_case_and_reports_ratios(tmp_path, capsys):
     card = result["card_16gb"]
     assert card["plan"]["asked"] == "auto" and card["tokens_per_s"] > 0 and "16 GB card" in done.stdout
     assert card["plan"]["estimate"] == "measured" and auto["plans"]["low"]["estimate"] == "measured"
-    assert result["rounds"] == 2 and all(len(row["rounds_tokens_per_s"]) == 2 for row in result["surgery"]["ours"].values())
+    assert result["rounds"] == 2
+    assert all(len(row["rounds_tokens_per_s"]) == 2 for row in result["surgery"]["ours"].values())
 
 
 def test_diagnosis_cases_take_turns_and_goals_are_judged_unrounded():
