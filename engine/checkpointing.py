@@ -23,9 +23,9 @@ from .saved_memory import SavedBytes
 MODES = ("auto", "full", "selective", "none")
 # what one layer keeps for backward per token without checkpointing, in values of the model's dtype: the two
 # LayerNorms' inputs, the attention's q, k, v and output, the GeLU's input (4 x hidden), and the casts around
-# them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken). The H200
-# bench measures 9 on BLOOM's SDPA path (docs/benchmarks.md); the margin covers the eager attention path and
-# the other families, which were not measured. Plans use it only where no measurement is given
+# them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken). It is a
+# guess, wrong both ways: the probe (engine.saved_memory) measures 10 on BLOOM's SDPA path and 33 on its eager
+# path at L = 512 (docs/benchmarks.md). Plans use it only where no measurement is given (full, none)
 VALUES_PER_TOKEN_LAYER = 20
 SAFETY = 0.8  # of the free memory, the share the kept activations may take
 
