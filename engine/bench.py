@@ -17,7 +17,8 @@ from .prefix_cache import PrefixCache
 from .saved_memory import measure_saved_bytes
 from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
 from .surgery import SurgeryPlan, operate
-from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes, plan_checkpointing
+from .checkpointing import (MEASURED, apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes,
+                            plan_checkpointing)
 
 GiB = 2**30
 AUTO_BUDGET_GIB = 8.0  # issue 17: checkpointing chosen by memory, peak at most 8 GiB on bloom-1b7
@@ -156,7 +157,7 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
     else:
         free = int(budget_gib * GiB) - (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
     saved = None
-    if checkpointing in ("auto", "selective"):  # what a layer keeps, measured on one block, as a run does
+    if checkpointing in MEASURED:  # what a layer keeps, measured on one block, as a run does
         with fast_kernels(model, adapter, attention == "sdpa"):
             saved = measure_saved_bytes(model, adapter, random_ids(model.config.vocab_size, 1, seq_len, device, 0))
     plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,

@@ -21,6 +21,7 @@ from .errors import InputError
 from .saved_memory import SavedBytes
 
 MODES = ("auto", "full", "selective", "none")
+MEASURED = ("auto", "selective")  # the modes that plan from what a layer keeps (engine.saved_memory)
 # what one layer keeps for backward per token without checkpointing, in values of the model's dtype: the two
 # LayerNorms' inputs, the attention's q, k, v and output, the GeLU's input (4 x hidden), and the casts around
 # them, about 16 x hidden (the frozen projections keep nothing: their weight gradient is never taken). It is a

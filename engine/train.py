@@ -15,8 +15,8 @@ import torch
 
 from .arch import base_model
 from .checkpointing import MODES as CHECKPOINT_MODES
-from .checkpointing import (CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes,
-                            plan_checkpointing)
+from .checkpointing import (MEASURED, CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes,
+                            optimizer_bytes, plan_checkpointing)
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
 from .distributed import all_sum, any_rank, broadcast, least, spread, world
@@ -318,7 +318,7 @@ class SurgeryRun:
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
         saved = None
-        if c.checkpointing in ("auto", "selective"):  # what a layer keeps, measured on one training block
+        if c.checkpointing in MEASURED:  # what a layer keeps, measured on one training block
             with self._fast():
                 saved = measure_saved_bytes(self.model, self.adapter, self.corpus.train[:1].to(self.device))
             saved = SavedBytes.from_dict(broadcast(saved.to_dict()))  # every rank the same plan
