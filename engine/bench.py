@@ -14,11 +14,9 @@ from .arch import BloomAdapter, adapter_for
 from .diagnosis import resolve_path, run_statistics
 from .fastpath import fast_kernels
 from .prefix_cache import PrefixCache
-from .saved_memory import measure_saved_bytes
-from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
+from .loss import causal_lm_loss
 from .surgery import SurgeryPlan, operate
-from .checkpointing import (MEASURED, apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes,
-                            plan_checkpointing)
+from .checkpointing import apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes, plan_for_training
 
 GiB = 2**30
 AUTO_BUDGET_GIB = 8.0  # issue 17: checkpointing chosen by memory, peak at most 8 GiB on bloom-1b7
@@ -156,14 +154,9 @@ def our_step_fn(model, adapter, targets, attention: str, prefix_cache: bool = Fa
         free = free_bytes(device)
     else:
         free = int(budget_gib * GiB) - (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
-    saved = None
-    if checkpointing in MEASURED:  # what a layer keeps, measured on one block, as a run does
-        with fast_kernels(model, adapter, attention == "sdpa"):
-            saved = measure_saved_bytes(model, adapter, random_ids(model.config.vocab_size, 1, seq_len, device, 0))
-    plan = plan_checkpointing(checkpointing, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size,
-                              tokens=micro_tokens, dtype=next(model.parameters()).dtype, free=free,
-                              reserve=optimizer_bytes(slices.parameters()),
-                              transient=loss_peak_bytes(model.lm_head, chunk_tokens), saved=saved)
+    plan = plan_for_training(checkpointing, model, adapter, random_ids(model.config.vocab_size, 1, seq_len, device, 0),
+                             sdpa=attention == "sdpa", lowest=lowest, tokens=micro_tokens, free=free,
+                             reserve=optimizer_bytes(slices.parameters()), chunk_tokens=chunk_tokens)
     if plans is not None:
         plans.append(plan.to_dict())
     apply_checkpointing(model, adapter, plan)

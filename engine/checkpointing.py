@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import InputError
-from .saved_memory import SavedBytes
+from .saved_memory import SavedBytes, measure_saved_bytes
 
 MODES = ("auto", "full", "selective", "none")
 MEASURED = ("auto", "selective")  # the modes that plan from what a layer keeps (engine.saved_memory)
@@ -112,6 +112,25 @@ def plan_checkpointing(mode: str, *, n_layer: int, lowest: int, hidden: int, tok
     resolved = "full" if len(checkpointed) == len(span) else "none" if not checkpointed else "selective"
     return CheckpointPlan(resolved, checkpointed, mode, round(max(kept, default=0) / 2**30, 4), round(free / 2**30, 2),
                           "formula" if saved is None else "measured", need(keep))
+
+
+def plan_for_training(mode: str, model, adapter, block: torch.Tensor, *, sdpa: bool, lowest: int, tokens: int,
+                      free: int, reserve: int, chunk_tokens: int) -> CheckpointPlan:
+    """The plan a training pass runs with: in the `MEASURED` modes from what each layer keeps, measured on the
+    training `block` through the pass's attention path (`sdpa`: engine.fastpath.fast_kernels) and, in a
+    distributed run, rank 0's figures on every rank; the loss's chunks (engine.loss.peak_bytes) as transient."""
+    from .distributed import broadcast
+    from .fastpath import fast_kernels
+    from .loss import peak_bytes
+
+    saved = None
+    if mode in MEASURED:
+        with fast_kernels(model, adapter, sdpa):
+            saved = measure_saved_bytes(model, adapter, block)
+        saved = SavedBytes.from_dict(broadcast(saved.to_dict()))  # every rank the same plan
+    return plan_checkpointing(mode, n_layer=adapter.n_layer, lowest=lowest, hidden=adapter.hidden_size, tokens=tokens,
+                              dtype=next(model.parameters()).dtype, free=free, reserve=reserve,
+                              transient=peak_bytes(model.lm_head, chunk_tokens), saved=saved)
 
 
 def enable_checkpointing(model) -> None:

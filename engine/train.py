@@ -15,15 +15,15 @@ import torch
 
 from .arch import base_model
 from .checkpointing import MODES as CHECKPOINT_MODES
-from .checkpointing import (MEASURED, CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes,
-                            optimizer_bytes, plan_checkpointing)
+from .checkpointing import (CheckpointPlan, apply_checkpointing, disable_checkpointing, free_bytes, optimizer_bytes,
+                            plan_for_training)
 from .corpus import PackedCorpus
 from .diagnosis import run_statistics
-from .distributed import all_sum, any_rank, broadcast, least, spread, world
+from .distributed import all_sum, any_rank, least, spread, world
 from .errors import HeadSurgeonError, InputError
 from .fastpath import fast_kernels
 from .evaluate import EvalSettings, ablation_deltas, mean_loss, perplexity, recovery
-from .loss import causal_lm_loss, peak_bytes as loss_peak_bytes
+from .loss import causal_lm_loss
 from .events import (Checkpoint, EvalMetrics, HeadRecovery, Notice, NullSink, PhaseChanged, Resumed, RunFailed,
                      Sink, StepMetrics)
 from .patch import save_patch
@@ -31,7 +31,6 @@ from .recipe import SLICE_DTYPE_NAMES
 from .report import HeadReport
 from .surgery import HeadSlices, SurgeryPlan, operate
 from .prefix_cache import PrefixCache
-from .saved_memory import SavedBytes, measure_saved_bytes
 from .tracked import TrackedSet
 
 STATE_FILE = "state.safetensors"
@@ -313,21 +312,15 @@ class SurgeryRun:
     def _checkpoint_plan(self) -> CheckpointPlan:
         """Checkpointing for this pass from the memory free now, less the prefix cache's budget, the slices'
         gradients and AdamW moments (not yet allocated) and the loss's chunks (engine.loss.peak_bytes)."""
-        c, a = self.config, self.adapter
+        c = self.config
         reserve = (self.prefix.budget if self.prefix else 0) + optimizer_bytes(self.slices.parameters())
         if self.world.active:  # the gradient slots of a distributed step
             reserve += MicroGradients.buffer_bytes(list(self.slices.parameters()), c.grad_accum)
-        saved = None
-        if c.checkpointing in MEASURED:  # what a layer keeps, measured on one training block
-            with self._fast():
-                saved = measure_saved_bytes(self.model, self.adapter, self.corpus.train[:1].to(self.device))
-            saved = SavedBytes.from_dict(broadcast(saved.to_dict()))  # every rank the same plan
-        return plan_checkpointing(c.checkpointing, n_layer=a.n_layer, lowest=min(self.plan.layers),
-                                  hidden=a.hidden_size, tokens=c.micro_batch * c.seq_len,
-                                  dtype=next(self.model.parameters()).dtype,
-                                  free=int(least(free_bytes(self.device))),  # every rank the same plan
-                                  reserve=reserve, transient=loss_peak_bytes(self.model.lm_head, c.loss_chunk_tokens),
-                                  saved=saved)
+        return plan_for_training(c.checkpointing, self.model, self.adapter, self.corpus.train[:1].to(self.device),
+                                 sdpa=c.attention == "sdpa", lowest=min(self.plan.layers),
+                                 tokens=c.micro_batch * c.seq_len,
+                                 free=int(least(free_bytes(self.device))),  # every rank the same plan
+                                 reserve=reserve, chunk_tokens=c.loss_chunk_tokens)
 
     def _teardown(self) -> None:
         if self.checkpoint_plan is not None and self.checkpoint_plan.checkpointed:

@@ -186,22 +186,22 @@ def test_every_mode_gives_the_same_patch_and_the_report_says_which_ran(planted_d
         held.append(optimizer_bytes(params))
         return held[-1]
 
-    def free(device):
-        if not measured:  # full and none measure nothing
-            return 100 * GiB
-        kept = measured[-1].for_tokens(32)  # micro-batches of one 32-token block
-        # the top layer's activations and layers 0 and 1's inputs; backward's working layer fits in the loss's
-        # chunks, freed by then (a 320-word head in fp32 and 1024-token chunks: 12 bytes a logit in place)
-        loss = 12 * 1024 * 320
-        assert max(kept.per_layer) < loss
-        return int((kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4) / 0.8) + 1 + loss + held[-1]
+    def on_a_small_machine(*args, **kw):  # the free memory a plan from the measurement sees
+        planned.append(kw)
+        if kw["saved"] is not None:
+            kept = kw["saved"].for_tokens(32)  # micro-batches of one 32-token block
+            # the top layer's activations and layers 0 and 1's inputs; backward's working layer fits in the
+            # loss's chunks, freed by then (a 320-word head in fp32 and 1024-token chunks: 12 bytes a logit in place)
+            loss = 12 * 1024 * 320
+            assert max(kept.per_layer) < loss
+            room = kept.shared + kept.outside + kept.per_layer[2] + 2 * 32 * 32 * 4
+            kw = {**kw, "free": int(room / 0.8) + 1 + loss + held[-1]}
+        return plan_checkpointing(*args, **kw)
 
-    monkeypatch.setattr("engine.train.measure_saved_bytes", spy)
+    monkeypatch.setattr("engine.checkpointing.measure_saved_bytes", spy)
     monkeypatch.setattr("engine.train.optimizer_bytes", optimizer_spy)
     planned = []
-    monkeypatch.setattr("engine.train.plan_checkpointing",
-                        lambda *a, **kw: planned.append(kw) or plan_checkpointing(*a, **kw))
-    monkeypatch.setattr("engine.train.free_bytes", free)
+    monkeypatch.setattr("engine.checkpointing.plan_checkpointing", on_a_small_machine)
     patches, ran = {}, {}
     for mode in ("full", "auto", "none"):
         out = tmp_path / mode
