@@ -45,9 +45,10 @@ def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, dict]:
     """(BLOCK_M, BLOCK_N, launch options) for a head size."""
     if device.type != "cuda":
         return 32, 32, {}
-    # the fastest of eight configurations in whole diagnoses of the bloom-1b7 and bloom-7b1 shapes (d = 128) on
-    # an H200; 128-row blocks were 2-12% slower
-    return 64, 64, {"num_warps": 4, "num_stages": 3}
+    # the fastest configuration of the kernel alone at the bloom-1b7 and bloom-7b1 shapes (d = 128, L = 512 and
+    # 2048) on an H200 since the key blocks are split by kind (docs/benchmarks.md); 64 x 64, the best before the
+    # split, became 1.5x slower with it
+    return 64, 32, {"num_warps": 4, "num_stages": 3}
 
 
 def gram_parts(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -30,6 +30,54 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _key_block(acc, m_i, l_i, t_i, e0_i, near_i, q, K, V, base, sl, start, offs_m, offs_d, d_ok, slope, alpha,
+               length, BLOCK_N: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr, BITWISE: tl.constexpr,
+               UPCAST: tl.constexpr, MASKED: tl.constexpr, FIRST: tl.constexpr, NEAR: tl.constexpr):
+    """The online softmax's running state after the keys start .. start + BLOCK_N - 1. MASKED: the block may
+    hold keys past a row's own (causal mask) or past the end; FIRST: it holds key 0; NEAR: it may hold a row's
+    local keys (i, i-1, i-2). A block of none of them, every key visible to every row, skips their work."""
+    dt = q.dtype
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_ok = (offs_n < length)[:, None] & d_ok[None, :]
+    else:
+        kv_ok = d_ok[None, :]
+    k = tl.load(K + base + offs_n[:, None] * sl + offs_d[None, :], mask=kv_ok, other=0.0)
+    qk = _dot(q, tl.trans(k), IEEE, UPCAST)
+    bias = slope * offs_n.to(tl.float32)
+    if ROUND:  # the eager path's ALiBi tensor in the model's dtype, and its baddbmm output rounded to it
+        bias = _rounded(bias, dt, BITWISE)
+    s = qk * alpha + bias[None, :]
+    if ROUND:
+        s = _rounded(s, dt, BITWISE)
+    back = offs_m[:, None] - offs_n[None, :]
+    if MASKED:
+        valid = (back >= 0) & (offs_n < length)[None, :]
+        m_new = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    scale = tl.exp(m_i - m_new)
+    z = s - m_new[:, None]
+    e = tl.exp(z)
+    if MASKED:
+        e = tl.where(valid, e, 0.0)
+    # t relative to the running maximum, so that no two numbers of size slope x L are subtracted at the end:
+    # moving the maximum shifts every earlier term by m_i - m_new (nothing to shift before the first block)
+    t_i = (t_i + l_i * tl.where(l_i > 0, m_i - m_new, 0.0)) * scale + tl.sum(e * z, 1)
+    l_i = l_i * scale + tl.sum(e, 1)
+    e0_i = e0_i * scale
+    if FIRST:
+        e0_i += tl.sum(tl.where(offs_n[None, :] == 0, e, 0.0), 1)
+    near_i = near_i * scale
+    if NEAR:
+        near_i += tl.sum(tl.where(back <= 2, e, 0.0), 1)  # e is 0 at the masked keys (back < 0)
+    v = tl.load(V + base + offs_n[:, None] * sl + offs_d[None, :], mask=kv_ok, other=0.0)
+    # the weights rounded to the values' dtype, as eager rounds its probabilities before multiplying
+    acc = acc * scale[:, None] + _dot(e.to(V.dtype.element_ty), v, IEEE, UPCAST)
+    return acc, m_new, l_i, t_i, e0_i, near_i
+
+
+@triton.jit
 def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_heads, batch, length, sb, sh, sl,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr,
@@ -37,15 +85,15 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
                          GRAM_LO: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch row, head); see engine.flash_stats. Q, K and V share the
     strides sb, sh, sl (head dimension contiguous); Out is [B, L, H, d] and Stats [S, H, B, L], contiguous.
-    ROUND: scores rounded to the inputs' dtype (not fp32); IEEE: fp32 products without TF32; BITWISE and
-    UPCAST: see `_rounded` and `_dot` (the CPU interpreter). HEAD_NORM: a fourth statistic, ||W_h c|| of the
-    row's context c (rounded as the output projection receives it) from the head's Gram matrix W_h^T W_h,
-    [H, d, d] in GramHi (+ GramLo when GRAM_LO: the rounding remainder of GramHi)."""
+    BLOCK_M must be a multiple of BLOCK_N. ROUND: scores rounded to the inputs' dtype (not fp32); IEEE: fp32
+    products without TF32; BITWISE and UPCAST: see `_rounded` and `_dot` (the CPU interpreter). HEAD_NORM: a
+    fourth statistic, ||W_h c|| of the row's context c (rounded as the output projection receives it) from the
+    head's Gram matrix W_h^T W_h, [H, d, d] in GramHi (+ GramLo when GRAM_LO: the rounding remainder of
+    GramHi)."""
     bh = tl.program_id(0)  # B x H on the grid's first axis (the second holds at most 65,535)
     pid_m = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
-    dt = Q.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -61,34 +109,22 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
     e0_i = tl.zeros((BLOCK_M,), tl.float32)  # e at key 0
     near_i = tl.zeros((BLOCK_M,), tl.float32)  # e at keys i, i-1, i-2
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # The keys in three parts: block 0 (key 0; for the first query blocks, their own or local keys too), the
+    # blocks every row sees whole (most of the work: no mask, no statistic but the entropy's), and from the
+    # block before the query block's first row on (a row's keys i-1 and i-2 may lie there), masked.
+    acc, m_i, l_i, t_i, e0_i, near_i = _key_block(
+        acc, m_i, l_i, t_i, e0_i, near_i, q, K, V, base, sl, 0, offs_m, offs_d, d_ok, slope, alpha, length,
+        BLOCK_N, ROUND, IEEE, BITWISE, UPCAST, MASKED=True, FIRST=True, NEAR=True)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, length)
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < length
-        k = tl.load(K + base + offs_n[:, None] * sl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = _dot(q, tl.trans(k), IEEE, UPCAST)
-        bias = slope * offs_n.to(tl.float32)
-        if ROUND:  # the eager path's ALiBi tensor in the model's dtype, and its baddbmm output rounded to it
-            bias = _rounded(bias, dt, BITWISE)
-        s = qk * alpha + bias[None, :]
-        if ROUND:
-            s = _rounded(s, dt, BITWISE)
-        back = offs_m[:, None] - offs_n[None, :]
-        valid = (back >= 0) & n_ok[None, :]
-        m_new = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1))
-        scale = tl.exp(m_i - m_new)
-        z = s - m_new[:, None]
-        e = tl.where(valid, tl.exp(z), 0.0)
-        # t relative to the running maximum, so that no two numbers of size slope x L are subtracted at the end:
-        # moving the maximum shifts every earlier term by m_i - m_new (nothing to shift before the first block)
-        t_i = (t_i + l_i * tl.where(l_i > 0, m_i - m_new, 0.0)) * scale + tl.sum(e * z, 1)
-        l_i = l_i * scale + tl.sum(e, 1)
-        e0_i = e0_i * scale + tl.sum(tl.where(valid & (offs_n[None, :] == 0), e, 0.0), 1)
-        near_i = near_i * scale + tl.sum(tl.where(valid & (back <= 2), e, 0.0), 1)
-        v = tl.load(V + base + offs_n[:, None] * sl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # the weights rounded to the values' dtype, as eager rounds its probabilities before multiplying
-        acc = acc * scale[:, None] + _dot(e.to(V.dtype.element_ty), v, IEEE, UPCAST)
-        m_i = m_new
+    tail = tl.maximum(pid_m * BLOCK_M - BLOCK_N, BLOCK_N)
+    for start in range(BLOCK_N, tail, BLOCK_N):
+        acc, m_i, l_i, t_i, e0_i, near_i = _key_block(
+            acc, m_i, l_i, t_i, e0_i, near_i, q, K, V, base, sl, start, offs_m, offs_d, d_ok, slope, alpha, length,
+            BLOCK_N, ROUND, IEEE, BITWISE, UPCAST, MASKED=False, FIRST=False, NEAR=False)
+    for start in range(tail, hi, BLOCK_N):
+        acc, m_i, l_i, t_i, e0_i, near_i = _key_block(
+            acc, m_i, l_i, t_i, e0_i, near_i, q, K, V, base, sl, start, offs_m, offs_d, d_ok, slope, alpha, length,
+            BLOCK_N, ROUND, IEEE, BITWISE, UPCAST, MASKED=True, FIRST=False, NEAR=True)
     m_ok = offs_m < length
     ctx = (acc / l_i[:, None]).to(Out.dtype.element_ty)
     out_base = (b.to(tl.int64) * length * n_heads + h) * HEAD_DIM  # Out: [B, L, H, d]

@@ -34,12 +34,15 @@ def eager_attention(q, k, v, lengths):
     return ctx.transpose(1, 2).reshape(batch, length, n_head * d), scores, mask, probs.float()
 
 
-@pytest.mark.parametrize("blocks", [(32, 32), (64, 32)])  # query x key rows per block; CUDA's are 64 x 64
+# query x key rows per block (CUDA's are 64 x 32). The kernel takes three kinds of key block: block 0, the blocks
+# every row of a query block sees whole (no mask, no BOS or local sums), and from the block before the query
+# block's first row on; at L = 70 the second kind occurs with 16-key blocks (query blocks from row 48 on).
+@pytest.mark.parametrize("blocks", [(32, 32), (64, 32), (16, 16), (32, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernel_computes_blooms_attention_its_statistics_and_head_norms(dtype, blocks, monkeypatch):
     monkeypatch.setattr(flash_stats, "_blocks", lambda head_dim, device: (*blocks, {}))
-    batch, n_head, length, d = 2, 3, 45, 20  # several key blocks, the last partial; d padded to 32 lanes
-    lengths = [45, 30]
+    batch, n_head, length, d = 2, 3, 70, 20  # several key blocks, the last partial; d padded to 32 lanes
+    lengths = [70, 41]
     torch.manual_seed(0)
     fused = torch.randn(batch, length, n_head, 3, d).mul(1.5).to(dtype)  # BLOOM's [B, L, H, {q,k,v}, d] layout
     q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # strided views, as BLOOM's _reshape gives
