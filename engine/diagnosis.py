@@ -53,21 +53,28 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[i
     return [x for x in ids if len(x) >= 2]
 
 
-def right_padded_batches(token_ids: list[list[int]], batch_size: int, pad_id: int):
-    """Yield (input_ids, attention_mask) batches, right-padded, longest prompts grouped together.
+def batch_rows(token_ids: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """The prompts' token lists in batches of `batch_size`, longest first, so that a batch's rows are of similar
+    lengths (little padding)."""
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    return [[token_ids[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of one batch's rows, right-padded to the longest.
 
     Right padding keeps key 0 the first real token of every row, and causal masking means real queries
     never see pads, so padding cannot change any statistic."""
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-    for start in range(0, len(order), batch_size):
-        rows = [token_ids[i] for i in order[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        yield ids, mask
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[*r, *[pad_id] * (width - len(r))] for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def right_padded_batches(token_ids: list[list[int]], batch_size: int, pad_id: int):
+    """Yield (input_ids, attention_mask) batches, right-padded, longest prompts grouped together."""
+    for rows in batch_rows(token_ids, batch_size):
+        yield right_padded(rows, pad_id)
 
 
 ROWS_BUDGET_BYTES = 256 * 2**20  # the kernel path's per-batch row buffers (HeadStatsCollector.layer_buffers)
@@ -290,9 +297,11 @@ def run_statistics(
                 fused_stats.statistics_attention(model, adapter, collector, kernel=path == "kernel")
                 if path != "eager" else probabilities_exposed(model, adapter)):
             # in a distributed run each rank measures its share of the batches, and the sums are added up
-            for (ids, mask), real in spread(list(right_padded_batches(token_ids, batch_size, pad_id))):
+            # each batch's tensors are made when it is reached, while the GPU runs the one before
+            for rows, real in spread(batch_rows(token_ids, batch_size)):
                 if any_rank(cancelled(), device):
                     break
+                ids, mask = right_padded(rows, pad_id)
                 if real:
                     collector.set_batch(mask)
                 else:

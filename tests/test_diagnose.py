@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import PLANTED
-from engine.diagnosis import DiagnosisSettings, diagnose, tokenize_prompts
+from engine.diagnosis import (DiagnosisSettings, batch_rows, diagnose, right_padded, right_padded_batches,
+                              tokenize_prompts)
 from engine.model import load_model
 from engine.prompts import builtin_prompts
 from engine.report import DEAD, HEALTHY, Thresholds
@@ -66,6 +67,17 @@ def test_batching_and_padding_do_not_change_statistics(planted_dir, prompts):
     many = diagnose(loaded, prompts, DiagnosisSettings(batch_size=7))
     for name in ("bos_mass", "entropy", "local_mass", "contribution"):
         np.testing.assert_allclose(getattr(one, name), getattr(many, name), atol=1e-5, err_msg=name)
+
+
+def test_batches_group_the_longest_prompts_and_pad_them_on_the_right():
+    prompts = [[5, 6], [1, 2, 3, 4], [7], [8, 9, 10], [11, 12]]
+    assert batch_rows(prompts, 2) == [[[1, 2, 3, 4], [8, 9, 10]], [[5, 6], [11, 12]], [[7]]]
+    ids, mask = right_padded([[1, 2, 3, 4], [8, 9, 10]], pad_id=0)
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[1, 2, 3, 4], [8, 9, 10, 0]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    batches = list(right_padded_batches(prompts, 2, pad_id=99))
+    assert [b[0].tolist() for b in batches] == [[[1, 2, 3, 4], [8, 9, 10, 99]], [[5, 6], [11, 12]], [[7]]]
+    assert [b[1].sum().item() for b in batches] == [7, 4, 1]
 
 
 def test_planted_collapse_is_found_exactly(planted_dir):
