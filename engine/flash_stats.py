@@ -9,7 +9,7 @@ rescaled with l whenever m moves: t = sum_j e_j (s_j - m) (the entropy is log l 
 numbers subtracted), e_0 and the e_j of the local keys. Given the output projection's per-head Gram
 matrices, its epilogue also gives each head's output norm ||W_h c|| for the contribution; a second small
 kernel takes the norms of the projection's output rows. Diagnosis of the bloom-1b7 and bloom-7b1 shapes
-runs at 0.90-0.91x and 0.98x a plain SDPA forward on an H200 (docs/benchmarks.md).
+runs at 0.94-0.96x and 0.99x a plain SDPA forward on an H200 (docs/benchmarks.md).
 
 The scores are BLOOM's own: s_ij = bf16(alpha q_i.k_j + bf16(slope_h j)) in a bf16 model, as its eager
 `alibi.baddbmm` computes and rounds them (in fp32 without the roundings), masked causally; the softmax and
