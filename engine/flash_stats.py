@@ -42,12 +42,13 @@ def kernel_available(device: torch.device) -> bool:
 
 
 def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, dict]:
-    """(BLOCK_M, BLOCK_N, launch options) for a head size."""
+    """(BLOCK_M, BLOCK_N, launch options) for a head size; BLOCK_M must be a multiple of BLOCK_N (the kernel's
+    key loop is split at multiples of BLOCK_N)."""
     if device.type != "cuda":
         return 32, 32, {}
     # the fastest configuration of the kernel alone at the bloom-1b7 and bloom-7b1 shapes (d = 128, L = 512 and
-    # 2048) on an H200 since the key blocks are split by kind (docs/benchmarks.md); 64 x 64, the best before the
-    # split, became 1.5x slower with it
+    # 2048) on an H200 since the key blocks are split by kind (docs/benchmarks.md): 64 x 64, the best before the
+    # split, is 1.3x-1.6x slower than 64 x 32 with it
     return 64, 32, {"num_warps": 4, "num_stages": 3}
 
 

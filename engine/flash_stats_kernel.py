@@ -90,6 +90,8 @@ def attention_statistics(Q, K, V, Out, Stats, Slopes, GramHi, GramLo, alpha, n_h
     fourth statistic, ||W_h c|| of the row's context c (rounded as the output projection receives it) from the
     head's Gram matrix W_h^T W_h, [H, d, d] in GramHi (+ GramLo when GRAM_LO: the rounding remainder of
     GramHi)."""
+    # the three parts of the key loop below meet at multiples of BLOCK_N only if BLOCK_M is one
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N")
     bh = tl.program_id(0)  # B x H on the grid's first axis (the second holds at most 65,535)
     pid_m = tl.program_id(1)
     b = bh // n_heads

@@ -36,13 +36,14 @@ def eager_attention(q, k, v, lengths):
 
 # query x key rows per block (CUDA's are 64 x 32). The kernel takes three kinds of key block: block 0, the blocks
 # every row of a query block sees whole (no mask, no BOS or local sums), and from the block before the query
-# block's first row on; at L = 70 the second kind occurs with 16-key blocks (query blocks from row 48 on).
+# block's first row on; at L = 140 the second kind occurs with every block shape here (from the query block
+# that starts at row 3 x BLOCK_N on, rounded up to a multiple of BLOCK_M).
 @pytest.mark.parametrize("blocks", [(32, 32), (64, 32), (16, 16), (32, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernel_computes_blooms_attention_its_statistics_and_head_norms(dtype, blocks, monkeypatch):
     monkeypatch.setattr(flash_stats, "_blocks", lambda head_dim, device: (*blocks, {}))
-    batch, n_head, length, d = 2, 3, 70, 20  # several key blocks, the last partial; d padded to 32 lanes
-    lengths = [70, 41]
+    batch, n_head, length, d = 2, 3, 140, 20  # several key blocks, the last partial; d padded to 32 lanes
+    lengths = [140, 77]
     torch.manual_seed(0)
     fused = torch.randn(batch, length, n_head, 3, d).mul(1.5).to(dtype)  # BLOOM's [B, L, H, {q,k,v}, d] layout
     q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # strided views, as BLOOM's _reshape gives
@@ -71,6 +72,14 @@ def test_the_kernel_computes_blooms_attention_its_statistics_and_head_norms(dtyp
     c = ctx.float().view(batch, length, n_head, d)
     head_norm = torch.stack([(c[:, :, h] @ w[h].T).norm(dim=-1) for h in range(n_head)])  # [H, B, L]
     assert ((rows[3] - head_norm).abs() / head_norm.clamp_min(1e-3)).max() < (1e-5 if dtype == torch.float32 else 1e-4)
+
+
+def test_query_blocks_smaller_than_key_blocks_are_refused(monkeypatch):
+    """The key loop's three parts meet at multiples of BLOCK_N: a BLOCK_M that is not one would count keys twice."""
+    monkeypatch.setattr(flash_stats, "_blocks", lambda head_dim, device: (16, 32, {}))
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(Exception, match="BLOCK_M must be a multiple of BLOCK_N"):
+        flash_stats.attention_with_statistics(q, q, q, fused_stats.alibi_slopes(2, "cpu"), 0.25)
 
 
 def test_output_norms_are_the_rows_norms_less_the_bias():
