@@ -297,11 +297,12 @@ def run_statistics(
                 fused_stats.statistics_attention(model, adapter, collector, kernel=path == "kernel")
                 if path != "eager" else probabilities_exposed(model, adapter)):
             # in a distributed run each rank measures its share of the batches, and the sums are added up
-            # each batch's tensors are made when it is reached, while the GPU runs the one before
+            # each batch's tensors are made when it is reached, while the GPU runs the one before (so before
+            # the ranks agree on cancelling, which waits for the GPU)
             for rows, real in spread(batch_rows(token_ids, batch_size)):
+                ids, mask = right_padded(rows, pad_id)
                 if any_rank(cancelled(), device):
                     break
-                ids, mask = right_padded(rows, pad_id)
                 if real:
                     collector.set_batch(mask)
                 else:
