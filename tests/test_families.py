@@ -223,11 +223,12 @@ def test_a_whole_operate_writes_a_patch_that_applies_to_the_base(family_dir, tmp
         assert torch.allclose(repaired.model(input_ids=ids).logits, base.model(input_ids=ids).logits, atol=1e-5)
 
 
-async def test_the_workbench_opens_each_family_and_shows_it_with_its_slopes(family_dir):
+async def test_the_workbench_opens_each_family_and_shows_it_with_its_slopes(family_dir, tmp_path, monkeypatch):
     from tui.app import HeadSurgeonApp
     from tui.headgrid import HeadGrid
     from tui_helpers import wait_idle
 
+    monkeypatch.chdir(tmp_path)  # the default runs/ and sessions/ are relative: not the checkout's
     family, directory = family_dir
     app = HeadSurgeonApp(model_ref=str(directory))
     async with app.run_test(size=(80, 24)) as pilot:

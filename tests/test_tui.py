@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from textual.geometry import Region
 
 from conftest import PLANTED
@@ -11,6 +12,13 @@ from tui.screens import HelpScreen, PromptScreen
 from tui_helpers import check_snapshot, screen_lines, wait_idle
 
 SIZE = (80, 24)
+
+
+@pytest.fixture(autouse=True)
+def _in_a_fresh_directory(tmp_path, monkeypatch):
+    """The workbench's default runs/ and sessions/ are relative: a developer's live runs in the checkout must not
+    open their dialog here, and nothing here is written into the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 async def test_diagnoses_on_open_and_marks_from_the_keyboard(planted_dir):
