@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # The suite runs in two pytest-xdist workers (pyproject.toml): one thread each, here and in the processes the
 # tests start, so that the two share the cores instead of spinning against each other (the CPU time of
-# two-thread workers grew by half).
+# two-thread workers grew by 60%).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
